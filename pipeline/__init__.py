@@ -1,0 +1,27 @@
+"""gradpipe: distributed gradient descent for linear models over chunked Zarr data on Dask.
+
+Imports are lazy so that ``import pipeline.losses`` stays NumPy-only and nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_dataset": "pipeline.store.dataset",
+    "read_info": "pipeline.store.dataset",
+    "ingest": "pipeline.ingest",
+    "GradpipeError": "pipeline.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

@@ -1,0 +1,271 @@
+"""The ingest driver: classify sources, stream parse → chunk-aligned writes on Dask, commit atomically.
+
+Memory stays bounded whatever the input size: at most ``window`` parsed pieces are alive at a time, and a
+piece is released as soon as the chunk writes that need it are done. Every Zarr chunk is written by exactly
+one task, so chunks never race. All writes go to a staging copy that replaces the dataset in one atomic
+step (``pipeline.store.atomic``); a failure or kill before that leaves the dataset untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from distributed import Client, as_completed
+
+from pipeline.errors import GradpipeError
+from pipeline.ingest.parse import Parsed, Schema, file_sha256, parse_piece, piece_meta
+from pipeline.ingest.sources import Piece, discover, file_format, npy_column_names, plan_pieces, read_columns
+from pipeline.stats import FeatureStats
+from pipeline.store import atomic
+from pipeline.store.dataset import (
+    COMPRESSORS,
+    DatasetInfo,
+    chunk_rows_for,
+    commit_info,
+    create_arrays,
+    read_info,
+    read_rows,
+    resize_rows,
+    write_chunk,
+)
+
+
+@dataclass
+class IngestResult:
+    dataset: str
+    n_rows: int
+    n_features: int
+    feature_names: list[str]
+    appended_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    dropped_rows: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def ingest(sources: list[str], dataset: str | Path, target: str, client: Client, *,
+           features: list[str] | None = None, chunk_mb: float = 64.0, dtype: str = "float64",
+           on_invalid: str = "error", replace: bool = False, compressor: str = "lz4") -> IngestResult:
+    """Ingest ``sources`` into ``dataset``: create it, append new files, or do nothing if all are known."""
+    t0 = time.perf_counter()
+    if on_invalid not in ("error", "drop"):
+        raise GradpipeError(f"--on-invalid must be 'error' or 'drop', not {on_invalid!r}.")
+    if dtype not in ("float64", "float32"):
+        raise GradpipeError(f"--dtype must be float64 or float32, not {dtype!r}.")
+    if compressor not in COMPRESSORS:
+        raise GradpipeError(f"--compressor must be one of {', '.join(COMPRESSORS)}, not {compressor!r}.")
+    if chunk_mb <= 0:
+        raise GradpipeError(f"--chunk-mb must be positive, not {chunk_mb}.")
+    path = Path(dataset).absolute()
+    files = discover(sources)
+    with atomic.locked(path):
+        atomic.remove_stale_staging(path)
+        old = read_info(path) if path.exists() else None  # raises if it is not a dataset
+        new_files, skipped = _classify(files, old, replace)
+        known = [Path(m["path"]) for m in old.manifest] if old else []
+        if replace and set(known) & set(new_files):
+            # A replaced file's rows sit in the middle of the dataset: rebuild from every source.
+            new_files = list(dict.fromkeys([*known, *new_files]))
+            skipped, base = [], None
+            features = features or old.feature_names
+        else:
+            base = old
+        if not new_files:
+            n = old.n_rows if old else 0
+            return IngestResult(str(path), n, old.n_features if old else 0,
+                                old.feature_names if old else [], skipped_files=[str(f) for f in skipped],
+                                seconds=time.perf_counter() - t0)
+        schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid)
+        staged = atomic.staging_path(path)
+        try:
+            info, dropped = _build(staged, path, base, new_files, schema, client, chunk_mb, compressor)
+            atomic.commit(staged, path)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return IngestResult(str(path), info.n_rows, info.n_features, info.feature_names,
+                        appended_files=[str(f) for f in new_files], skipped_files=[str(f) for f in skipped],
+                        dropped_rows=dropped, seconds=time.perf_counter() - t0)
+
+
+def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tuple[list[Path], list[Path]]:
+    """Split files into new ones and already-ingested ones; a changed file is an error unless replacing."""
+    known = {m["path"]: m for m in old.manifest} if old else {}
+    new, skipped = [], []
+    for f in files:
+        entry = known.get(str(f))
+        if entry is None:
+            new.append(f)
+            continue
+        st = f.stat()
+        if st.st_size == entry["size"] and st.st_mtime == entry["mtime"]:
+            skipped.append(f)
+        elif file_sha256(str(f)) == entry["sha256"]:
+            skipped.append(f)  # touched, same bytes
+        elif replace:
+            new.append(f)
+        else:
+            raise GradpipeError(f"{f} changed since it was ingested (new sha256). Pass --replace to rebuild "
+                                f"the dataset with its new content.")
+    return new, skipped
+
+
+def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, features: list[str] | None,
+                    dtype: str, on_invalid: str) -> Schema:
+    columns = read_columns(files[0])
+    explicit = features is not None
+    if file_format(files[0]) == "npy" and target.lstrip("-").isdigit():
+        target = npy_column_names(len(columns))[int(target)] if -len(columns) <= int(target) < len(columns) \
+            else target
+    if base is not None:
+        if target != base.target:
+            raise GradpipeError(f"--target {target!r} differs from the dataset's target {base.target!r}.")
+        features = features or base.feature_names
+        if features != base.feature_names:
+            raise GradpipeError(f"--features differ from the dataset's features {base.feature_names}.")
+        dtype = base.dtype
+    if target not in columns:
+        raise GradpipeError(f"--target {target!r} is not a column of {files[0]} "
+                            f"(columns: {', '.join(columns)}).")
+    features = features if features is not None else [c for c in columns if c != target]
+    if target in features:
+        raise GradpipeError(f"--target {target!r} is also listed in --features.")
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise GradpipeError(f"{files[0]}: column(s) {missing} not found (columns: {', '.join(columns)}).")
+    if base is not None and not explicit and set(columns) != {*features, target}:
+        raise GradpipeError(f"{files[0]}: columns {columns} differ from the dataset's "
+                            f"{[*base.feature_names, base.target]}.")
+    for f in files[1:]:
+        cols = read_columns(f)
+        if cols != columns and not (explicit and {*features, target} <= set(cols) and
+                                    file_format(f) == file_format(files[0])):
+            extra, lacking = sorted(set(cols) - set(columns)), sorted(set(columns) - set(cols))
+            order = ", in another order" if not extra and not lacking else ""
+            raise GradpipeError(f"{f}: columns differ from {files[0]} (extra: {extra or 'none'}, "
+                                f"missing: {lacking or 'none'}{order}).")
+    return Schema(columns=columns, features=features, target=target, dtype=dtype, on_invalid=on_invalid)
+
+
+def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path], schema: Schema,
+           client: Client, chunk_mb: float, compressor: str) -> tuple[DatasetInfo, int]:
+    """Write all new rows into ``staged`` and its final attrs; returns the new info and rows dropped."""
+    plans = [plan_pieces(f, read_columns(f)) for f in files]
+    pieces = [p for ps, _ in plans for p in ps]
+    bound = sum(b for _, b in plans)
+    d = len(schema.features)
+    if base is None:
+        chunk_rows = chunk_rows_for(chunk_mb, d, np.dtype(schema.dtype).itemsize)
+        n_old = 0
+        create_arrays(staged, bound, d, chunk_rows, schema.dtype, compressor)
+    else:
+        chunk_rows, n_old = base.chunk_rows, base.n_rows
+        atomic.link_copy(live, staged)
+        resize_rows(staged, n_old + bound)
+    hashes = {str(f): client.submit(file_sha256, str(f), pure=False) for f in files}
+    metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows)
+    n_total = n_old + sum(m.n_rows for m in metas)
+    if n_total == 0:
+        raise GradpipeError("no data rows: every source is empty or every row was dropped as invalid.")
+    resize_rows(staged, n_total)
+    stats = base.stats if base else FeatureStats.empty(d)
+    for m in metas:
+        stats = stats.merge(m.stats)
+    manifest = list(base.manifest) if base else []
+    row, i = n_old, 0
+    for f, (ps, _) in zip(files, plans, strict=True):
+        fm = metas[i:i + len(ps)]
+        i += len(ps)
+        rows = sum(m.n_rows for m in fm)
+        st = f.stat()
+        manifest.append({"path": str(f), "size": st.st_size, "mtime": st.st_mtime,
+                         "sha256": hashes[str(f)].result(), "rows": rows, "row_start": row,
+                         "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
+        row += rows
+    info = DatasetInfo(str(live), schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
+                       manifest)
+    commit_info(staged, info)
+    return info, sum(m.n_dropped for m in metas)
+
+
+def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_old: int,
+            chunk_rows: int) -> list:
+    """Parse pieces with a bounded window and write each complete chunk as soon as its rows are known."""
+    window = 2 * max(1, sum(client.nthreads().values())) + 2
+    parsed: dict[int, object] = {}
+    metas: dict[int, object] = {}
+    ac = as_completed()
+    meta_index: dict[str, int] = {}
+    writes = []
+    # Rows waiting for a chunk: (source, lo, hi); source is a parse future, or None for rows already stored.
+    pending: list[tuple[object, int, int]] = []
+    chunk = n_old // chunk_rows
+    if n_old % chunk_rows:
+        pending.append((None, chunk * chunk_rows, n_old))  # the partial last chunk is rewritten, filled up
+    pending_rows = n_old % chunk_rows
+    submitted = consumed = 0
+
+    def submit_more() -> None:
+        nonlocal submitted
+        while submitted < len(pieces) and submitted < consumed + window:
+            fut = client.submit(parse_piece, pieces[submitted], schema, pure=False, priority=-submitted)
+            parsed[submitted] = fut
+            mf = client.submit(piece_meta, fut, pure=False)
+            meta_index[mf.key] = submitted
+            ac.add(mf)
+            submitted += 1
+
+    def emit(n: int) -> None:
+        nonlocal chunk, pending_rows
+        take, left = [], n
+        while left:
+            src, lo, hi = pending[0]
+            k = min(left, hi - lo)
+            take.append((src, lo, lo + k))
+            left -= k
+            if lo + k == hi:
+                pending.pop(0)
+            else:
+                pending[0] = (src, lo + k, hi)
+        writes.append(client.submit(_write_segments, store, chunk, chunk_rows, take, pure=False))
+        chunk += 1
+        pending_rows -= n
+
+    try:
+        submit_more()
+        for mf in ac:
+            metas[meta_index.pop(mf.key)] = mf.result()  # raises the worker's GradpipeError, if any
+            while consumed in metas and consumed < len(pieces):
+                pending.append((parsed.pop(consumed), 0, metas[consumed].n_rows))
+                pending_rows += metas[consumed].n_rows
+                consumed += 1
+                while pending_rows >= chunk_rows:
+                    emit(chunk_rows)
+            submit_more()
+        if pending_rows:
+            emit(pending_rows)
+        client.gather(writes)
+    except BaseException:
+        for f in [*parsed.values(), *writes]:
+            f.cancel()
+        raise
+    return [metas[i] for i in range(len(pieces))]
+
+
+def _write_segments(store: str, chunk: int, chunk_rows: int, segments: list) -> int:
+    """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk."""
+    xs, ys = [], []
+    for src, lo, hi in segments:
+        if src is None:
+            X, y = read_rows(store, lo, hi)
+        else:
+            assert isinstance(src, Parsed)
+            X, y = src.X[lo:hi], src.y[lo:hi]
+        xs.append(X)
+        ys.append(y)
+    return write_chunk(store, chunk, chunk_rows, np.concatenate(xs), np.concatenate(ys))

@@ -1,0 +1,320 @@
+"""Per-chunk loss/gradient math for generalized linear models (pure NumPy, no Dask).
+
+Every function here works on ONE in-memory chunk and returns plain SUMS, so chunk results
+merge across workers by addition and the driver divides by the global row count once.
+
+Parameters ``theta`` (length d+1) live in the *standardized* space: ``theta[:d]`` are weights
+for ``(x - mean) / scale`` and ``theta[d]`` is the intercept. Standardization is folded into
+the kernel algebraically (``z = X @ (w/scale) + (b - mean . w/scale)``) so a chunk is never
+copied just to be standardized; chunks are read in row blocks that stay in cache, so X is
+streamed from memory once per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Loss",
+    "MODELS",
+    "chunk_sums",
+    "chunk_gram",
+    "chunk_predict",
+    "chunk_metrics",
+    "penalty",
+    "to_original",
+    "from_original",
+    "mean_loss_and_grad",
+    "expit",
+]
+
+Pointwise = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+DEFAULT_BLOCK_ROWS = 8192
+
+
+def expit(z: np.ndarray) -> np.ndarray:
+    """Logistic sigmoid that never overflows: ``exp`` only ever sees ``-|z| <= 0``."""
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(under="ignore"):  # exp(-1e4) -> 0.0 is the correctly rounded answer
+        e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0, e) / (1.0 + e)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A GLM family: pointwise loss/derivative, inverse link and mergeable metric sums.
+
+    ``metrics(z, y)`` returns the per-chunk sums named by ``metric_names[1:]`` (the row count,
+    ``metric_names[0] == "n"``, is added by :func:`chunk_metrics`).
+    """
+
+    name: str
+    pointwise: Pointwise  # (z, y) -> (loss per row, dloss/dz per row)
+    inverse_link: Callable[[np.ndarray], np.ndarray]  # z -> prediction on the response scale
+    metrics: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    metric_names: tuple[str, ...]
+
+
+def _linear_pointwise(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r = z - y
+    return 0.5 * r * r, r
+
+
+def _linear_metrics(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r = z - y
+    return np.array([r @ r, y.sum(), y @ y])
+
+
+def _logistic_pointwise(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # log(1 + e^z) - y z; logaddexp never forms e^z, so z = +-1e4 stays finite. Its internal
+    # log1p(exp(-|z|)) may underflow to 0, which is the correctly rounded result.
+    with np.errstate(under="ignore"):
+        return np.logaddexp(0.0, z) - y * z, expit(z) - y
+
+
+def _logistic_metrics(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    loss, _ = _logistic_pointwise(z, y)
+    # Class 1 iff p > 0.5 (z > 0), the same tie rule as sklearn's LogisticRegression.predict.
+    correct = np.count_nonzero((z > 0) == (y > 0.5))
+    return np.array([loss.sum(), float(correct)])
+
+
+MODELS: dict[str, Loss] = {
+    "linear": Loss(
+        "linear", _linear_pointwise, lambda z: z, _linear_metrics, ("n", "sum_sq_err", "sum_y", "sum_y2")
+    ),
+    "logistic": Loss(
+        "logistic", _logistic_pointwise, expit, _logistic_metrics, ("n", "sum_logloss", "n_correct")
+    ),
+}
+
+
+def _get_model(model: str) -> Loss:
+    try:
+        return MODELS[model]
+    except KeyError:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODELS)}") from None
+
+
+def _check_scaling(
+    d: int, mean: np.ndarray | None, scale: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return float64 (mean, scale), defaulting to the identity transform."""
+    m = np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64)
+    s = np.ones(d) if scale is None else np.asarray(scale, dtype=np.float64)
+    if m.shape != (d,) or s.shape != (d,):
+        raise ValueError(f"mean/scale must have shape ({d},), got {m.shape} and {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s == 0):
+        raise ValueError("scale must be finite and non-zero (use 1 for constant features)")
+    return m, s
+
+
+def _check_theta(theta: np.ndarray, d: int) -> np.ndarray:
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.shape != (d + 1,):
+        raise ValueError(f"theta must have shape ({d + 1},), got {theta.shape}")
+    return theta
+
+
+def _effective(
+    theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Fold standardization into (w_eff, b_eff) so z = X @ w_eff + b_eff on raw X."""
+    d = theta.shape[0] - 1
+    m, s = _check_scaling(d, mean, scale)
+    w_eff = theta[:d] / s
+    return w_eff, float(theta[d] - m @ w_eff), m, s
+
+
+def _check_X(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {X.shape}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y must have shape ({X.shape[0]},), got {y.shape}")
+    return X, y
+
+
+def _blocks(X: np.ndarray, block_rows: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield row blocks as float64 (a float32 chunk is upcast one cache-sized block at a time)."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    for start in range(0, X.shape[0], block_rows):
+        sl = slice(start, min(start + block_rows, X.shape[0]))
+        yield sl, np.asarray(X[sl], dtype=np.float64)
+
+
+def chunk_sums(
+    model: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    theta: np.ndarray,
+    mean: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> np.ndarray:
+    """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, n_rows]``.
+
+    Sums (not means) so partial results reduce by plain addition; the gradient is w.r.t. the
+    standardized ``theta``: ``grad_w = (X^T r - mean * sum(r)) / scale``, ``grad_b = sum(r)``.
+    """
+    loss = _get_model(model)
+    X, y = _check_X(X, y)
+    d = X.shape[1]
+    theta = _check_theta(theta, d)
+    w_eff, b_eff, m, s = _effective(theta, mean, scale)
+    xtr = np.zeros(d)
+    sum_r = 0.0
+    loss_sum = 0.0
+    with np.errstate(under="ignore"):  # tiny sigmoid tails flushing to 0 is harmless
+        for sl, Xb in _blocks(X, block_rows):
+            z = Xb @ w_eff + b_eff
+            lv, r = loss.pointwise(z, np.asarray(y[sl], dtype=np.float64))
+            xtr += Xb.T @ r  # same block, still in cache
+            sum_r += float(r.sum())
+            loss_sum += float(lv.sum())
+    out = np.empty(d + 3)
+    out[:d] = (xtr - m * sum_r) / s
+    out[d] = sum_r
+    out[d + 1] = loss_sum
+    out[d + 2] = X.shape[0]
+    return out
+
+
+def chunk_gram(
+    X: np.ndarray,
+    mean: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> np.ndarray:
+    """``sum_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the Lipschitz constant.
+
+    Each block is standardized on its own (not via ``X^T X - n mean mean^T``) to avoid
+    catastrophic cancellation when |mean| >> scale.
+    """
+    X, _ = _check_X(X)
+    d = X.shape[1]
+    m, s = _check_scaling(d, mean, scale)
+    g = np.zeros((d + 1, d + 1))
+    for _, Xb in _blocks(X, block_rows):
+        Zb = (Xb - m) / s
+        g[:d, :d] += Zb.T @ Zb
+        g[:d, d] += Zb.sum(axis=0)
+    g[d, :d] = g[:d, d]
+    g[d, d] = X.shape[0]
+    return g
+
+
+def _linear_predictor(
+    X: np.ndarray, theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
+) -> np.ndarray:
+    X, _ = _check_X(X)
+    theta = _check_theta(theta, X.shape[1])
+    w_eff, b_eff, _, _ = _effective(theta, mean, scale)
+    z = np.empty(X.shape[0])
+    for sl, Xb in _blocks(X, DEFAULT_BLOCK_ROWS):
+        z[sl] = Xb @ w_eff + b_eff
+    return z
+
+
+def chunk_predict(
+    model: str,
+    X: np.ndarray,
+    theta: np.ndarray,
+    mean: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """Predictions on the response scale: z for linear, P(y=1) for logistic."""
+    loss = _get_model(model)
+    return loss.inverse_link(_linear_predictor(X, theta, mean, scale))
+
+
+def chunk_metrics(
+    model: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    theta: np.ndarray,
+    mean: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """Additive metric sums for one chunk, layout ``MODELS[model].metric_names``.
+
+    * linear:   ``[n, sum_sq_err, sum_y, sum_y2]`` -> MSE = sse/n,
+      R^2 = 1 - sse / (sum_y2 - sum_y^2/n).
+    * logistic: ``[n, sum_logloss, n_correct]`` -> log-loss = sum/n, accuracy = n_correct/n
+      (class 1 iff p > 0.5).
+    """
+    loss = _get_model(model)
+    X, y = _check_X(X, y)
+    z = _linear_predictor(X, theta, mean, scale)
+    out = np.zeros(len(loss.metric_names))
+    out[0] = X.shape[0]
+    if X.shape[0]:
+        with np.errstate(under="ignore"):
+            out[1:] = loss.metrics(z, np.asarray(y, dtype=np.float64))
+    return out
+
+
+def penalty(theta: np.ndarray, l2: float, scale: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """``(l2/2) * ||w/scale||^2`` and its gradient w.r.t. theta (intercept unpenalized).
+
+    The penalty acts on ORIGINAL-space weights so the fitted model does not depend on the
+    internal standardization (it matches sklearn Ridge on raw features).
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    d = theta.shape[0] - 1
+    _, s = _check_scaling(d, None, scale)
+    w_orig = theta[:d] / s
+    grad = np.zeros(d + 1)
+    grad[:d] = l2 * w_orig / s
+    return 0.5 * l2 * float(w_orig @ w_orig), grad
+
+
+def to_original(
+    theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
+) -> tuple[np.ndarray, float]:
+    """Map standardized theta to raw-feature ``(coef, intercept)``: the model users see."""
+    theta = np.asarray(theta, dtype=np.float64)
+    d = theta.shape[0] - 1
+    m, s = _check_scaling(d, mean, scale)
+    coef = theta[:d] / s
+    return coef, float(theta[d] - m @ coef)
+
+
+def from_original(
+    coef: np.ndarray, intercept: float, mean: np.ndarray | None, scale: np.ndarray | None
+) -> np.ndarray:
+    """Inverse of :func:`to_original`, for warm-starting from a raw-space model."""
+    coef = np.asarray(coef, dtype=np.float64)
+    m, s = _check_scaling(coef.shape[0], mean, scale)
+    return np.append(coef * s, float(intercept) + float(m @ coef))
+
+
+def mean_loss_and_grad(
+    model: str,
+    sums: np.ndarray,
+    n: float,
+    theta: np.ndarray,
+    l2: float = 0.0,
+    scale: np.ndarray | None = None,
+) -> tuple[float, np.ndarray]:
+    """Turn reduced chunk sums into the penalized objective and its gradient.
+
+    ``loss = loss_sum/n + penalty``, ``grad = grad_sum/n + penalty_grad``; ``model`` is only
+    validated (the family's math is already in ``sums``).
+    """
+    _get_model(model)
+    sums = np.asarray(sums, dtype=np.float64)
+    theta = np.asarray(theta, dtype=np.float64)
+    d = theta.shape[0] - 1
+    if sums.shape != (d + 3,):
+        raise ValueError(f"sums must have shape ({d + 3},), got {sums.shape}")
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    pval, pgrad = penalty(theta, l2, scale)
+    return float(sums[d + 1] / n) + pval, sums[: d + 1] / n + pgrad

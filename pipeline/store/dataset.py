@@ -1,0 +1,176 @@
+"""The dataset store: a Zarr v3 group with ``X`` (n, d), ``y`` (n,) in aligned row chunks, plus attrs.
+
+Layout (DESIGN.md §4), readable with plain ``zarr.open_group`` / ``xarray.open_zarr``:
+
+- ``X``: float64|float32, chunks ``(chunk_rows, d)``, dimension names ``(row, feature)``.
+- ``y``: same dtype, chunks ``(chunk_rows,)``.
+- root attrs: ``gradpipe`` = ``{"kind": "dataset", "format_version": 1}``, ``feature_names``, ``target``,
+  ``n_rows``, ``n_features``, ``chunk_rows``, ``stats`` (per-feature ``count/mean/m2/min/max``),
+  ``manifest`` (one entry per ingested source file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.errors import GradpipeError
+from pipeline.stats import FeatureStats
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+FORMAT_VERSION = 1
+COMPRESSORS = ("lz4", "zstd", "none")
+
+
+@dataclass
+class DatasetInfo:
+    """Everything about a dataset except its arrays: what the driver needs to plan work."""
+
+    path: str
+    feature_names: list[str]
+    target: str
+    n_rows: int
+    chunk_rows: int
+    dtype: str
+    stats: FeatureStats
+    manifest: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    def fingerprint(self) -> str:
+        """Changes whenever the rows change: the sources' hashes, their row ranges and the schema."""
+        payload = json.dumps(
+            [self.feature_names, self.target, self.n_rows, self.dtype,
+             [(m["sha256"], m["row_start"], m["row_stop"]) for m in self.manifest]],
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "gradpipe": {"kind": "dataset", "format_version": FORMAT_VERSION},
+            "feature_names": self.feature_names,
+            "target": self.target,
+            "n_rows": self.n_rows,
+            "n_features": self.n_features,
+            "chunk_rows": self.chunk_rows,
+            "dtype": self.dtype,
+            "stats": self.stats.to_json(),
+            "manifest": self.manifest,
+        }
+
+
+@dataclass
+class Dataset(DatasetInfo):
+    """An opened dataset: lazy dask arrays over the committed rows, chunked as stored."""
+
+    X: da.Array | None = None
+    y: da.Array | None = None
+
+
+def chunk_rows_for(chunk_mb: float, n_features: int, itemsize: int) -> int:
+    return max(1, int(chunk_mb * 2**20) // max(1, n_features * itemsize))
+
+
+def _codecs(compressor: str, itemsize: int) -> list:
+    if compressor == "none":
+        return []
+    return [BloscCodec(cname=compressor, clevel=5 if compressor == "lz4" else 3, shuffle="shuffle",
+                       typesize=itemsize)]
+
+
+def create_arrays(path: Path, n_rows: int, n_features: int, chunk_rows: int, dtype: str,
+                  compressor: str) -> None:
+    """Create an empty dataset group (arrays sized ``n_rows``; the attrs are written at commit)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    codecs = _codecs(compressor, np.dtype(dtype).itemsize)
+    group.create_array("X", shape=(n_rows, n_features), chunks=(chunk_rows, n_features), dtype=dtype,
+                       compressors=codecs, fill_value=0.0, dimension_names=("row", "feature"))
+    group.create_array("y", shape=(n_rows,), chunks=(chunk_rows,), dtype=dtype, compressors=codecs,
+                       fill_value=0.0, dimension_names=("row",))
+
+
+def resize_rows(path: Path, n_rows: int) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    group["X"].resize((n_rows, group["X"].shape[1]))
+    group["y"].resize((n_rows,))
+
+
+def write_chunk(path: str, index: int, chunk_rows: int, X: np.ndarray, y: np.ndarray) -> int:
+    """Write rows ``[index*chunk_rows, index*chunk_rows + len(X))``: exactly one Zarr chunk per call."""
+    group = zarr.open_group(path, mode="r+")
+    start = index * chunk_rows
+    group["X"][start:start + len(X)] = X
+    group["y"][start:start + len(y)] = y
+    return len(X)
+
+
+def read_rows(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    group = zarr.open_group(path, mode="r")
+    return group["X"][start:stop], group["y"][start:stop]
+
+
+def commit_info(path: Path, info: DatasetInfo) -> None:
+    """Write the attrs; the caller makes this the last write before the atomic swap."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.put(info.to_attrs())
+
+
+def is_dataset(path: Path) -> bool:
+    try:
+        return read_info(path) is not None
+    except GradpipeError:
+        return False
+
+
+def read_info(path: str | Path) -> DatasetInfo:
+    """Read a dataset's metadata, or raise a GradpipeError saying why ``path`` is not one."""
+    path = str(path)
+    if "://" not in path and not Path(path).exists():
+        raise GradpipeError(f"dataset {path} does not exist (create it with `gradpipe ingest`).")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = group.attrs.asdict()
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a Zarr group"
+        raise GradpipeError(f"{path} is not a gradpipe dataset (not a Zarr v3 group: {exc}).") from None
+    meta = attrs.get("gradpipe", {})
+    if meta.get("kind") != "dataset":
+        raise GradpipeError(f"{path} is a Zarr group but not a gradpipe dataset (no gradpipe dataset attrs).")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise GradpipeError(f"{path} has dataset format {meta.get('format_version')}; "
+                            f"this gradpipe reads format {FORMAT_VERSION}.")
+    return DatasetInfo(
+        path=path,
+        feature_names=list(attrs["feature_names"]),
+        target=attrs["target"],
+        n_rows=int(attrs["n_rows"]),
+        chunk_rows=int(attrs["chunk_rows"]),
+        dtype=attrs["dtype"],
+        stats=FeatureStats.from_json(attrs["stats"]),
+        manifest=list(attrs["manifest"]),
+    )
+
+
+def open_dataset(uri: str | Path) -> Dataset:
+    """Open a dataset: metadata plus dask arrays ``X`` (n, d) and ``y`` (n,) in the stored row chunks."""
+    import dask.array as da
+
+    info = read_info(uri)
+    group = zarr.open_group(info.path, mode="r")
+    X = da.from_zarr(group["X"])[: info.n_rows]
+    y = da.from_zarr(group["y"])[: info.n_rows]
+    return Dataset(**vars(info), X=X, y=y)

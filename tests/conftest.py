@@ -1,0 +1,57 @@
+"""Shared fixtures: one real multi-process Dask cluster for the whole session, and small raw files."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A LocalCluster with 2 worker *processes* on 127.0.0.1 (the real scheduler, workers and transport)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as lc:
+        yield lc
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    from distributed import Client
+
+    with Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def scheduler(cluster) -> str:
+    return cluster.scheduler_address
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: proves a store is byte-for-byte unchanged."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_csv(path: Path, X: np.ndarray, y: np.ndarray, names: list[str] | None = None,
+              target: str = "y") -> Path:
+    """Plain-Python CSV writer (repr round-trips float64 exactly), independent of pyarrow."""
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    with open(path, "w") as fh:
+        fh.write(",".join([*names, target]) + "\n")
+        for row, t in zip(X.tolist(), y.tolist(), strict=True):
+            fh.write(",".join(map(repr, [*row, t])) + "\n")
+    return path
+
+
+def make_xy(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.01, 100, size=d) + rng.uniform(-50, 50, size=d)
+    y = X @ rng.normal(size=d) + rng.normal(size=n)
+    return X, y

@@ -1,0 +1,194 @@
+"""Ingest: exact round trips, aligned chunks, merged statistics, idempotence and atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from pipeline.cli import main
+from pipeline.errors import GradpipeError
+from pipeline.ingest import ingest
+from pipeline.store.dataset import open_dataset, read_info
+from tests.conftest import make_xy, tree_hashes, write_csv
+
+
+def reference_csv(paths: list[Path]) -> np.ndarray:
+    """Independent parse: Python's float() on every cell."""
+    rows = []
+    for p in paths:
+        lines = p.read_text().splitlines()[1:]
+        rows += [[float(v) for v in line.split(",")] for line in lines if line]
+    return np.asarray(rows)
+
+
+def test_csv_round_trip_is_exact_and_chunks_are_aligned(tmp_path, client):
+    parts = [write_csv(tmp_path / f"p{i}.csv", *make_xy(n, 4, seed=i)) for i, n in enumerate([700, 1300, 5])]
+    res = ingest([str(tmp_path / "*.csv")], tmp_path / "ds.zarr", "y", client, chunk_mb=0.004)
+    ref = reference_csv(parts)
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert (ds.n_rows, ds.n_features, res.n_rows) == (2005, 4, 2005)
+    assert ds.chunk_rows == int(0.004 * 2**20) // 32  # 131 rows of 4 float64
+    X, y = ds.X.compute(), ds.y.compute()
+    assert np.array_equal(X, ref[:, :4]) and np.array_equal(y, ref[:, 4])  # float64 round trip: exact
+    group = zarr.open_group(str(tmp_path / "ds.zarr"), mode="r")
+    assert group["X"].chunks == (ds.chunk_rows, 4) and group["y"].chunks == (ds.chunk_rows,)
+    assert ds.X.chunks[0] == ds.y.chunks[0] and set(ds.X.chunks[0][:-1]) == {ds.chunk_rows}
+    # Stats merged with the parallel formula equal numpy's two-pass figures to 1e-12 relative
+    # (both are float64; the merge adds O(log pieces) roundings of ~1e-16 each).
+    np.testing.assert_allclose(ds.stats.mean, ref[:, :4].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(ds.stats.variance, ref[:, :4].var(0), rtol=1e-12)
+    assert np.array_equal(ds.stats.min, ref[:, :4].min(0)) and np.array_equal(ds.stats.max, ref[:, :4].max(0))
+    assert ds.stats.count == 2005
+    assert [m["rows"] for m in ds.manifest] == [700, 1300, 5]
+    assert [(m["row_start"], m["row_stop"]) for m in ds.manifest] == [(0, 700), (700, 2000), (2000, 2005)]
+
+
+def test_pieces_split_inside_a_file_keep_row_order(tmp_path, client, monkeypatch):
+    import pipeline.ingest.sources as sources
+
+    monkeypatch.setattr(sources, "PIECE_BYTES", 4096)  # the driver plans many byte ranges per file
+    path = write_csv(tmp_path / "a.csv", *make_xy(3000, 3))
+    ingest([str(path)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
+    ref = reference_csv([path])
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert np.array_equal(ds.X.compute(), ref[:, :3]) and np.array_equal(ds.y.compute(), ref[:, 3])
+
+
+def test_float32_parquet_and_npy_sources(tmp_path, client):
+    X, y = make_xy(1000, 3)
+    pq.write_table(pa.table({"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "t": y}), tmp_path / "d.parquet",
+                   row_group_size=300)
+    ingest([str(tmp_path / "d.parquet")], tmp_path / "pq.zarr", "t", client, chunk_mb=0.002)
+    ds = open_dataset(tmp_path / "pq.zarr")
+    assert ds.feature_names == ["a", "b", "c"]
+    assert np.array_equal(ds.X.compute(), X) and np.array_equal(ds.y.compute(), y)
+
+    np.save(tmp_path / "d.npy", np.column_stack([X, y]))
+    ingest([str(tmp_path / "d.npy")], tmp_path / "np.zarr", "-1", client, dtype="float32")
+    ds = open_dataset(tmp_path / "np.zarr")
+    assert ds.target == "col3" and ds.feature_names == ["col0", "col1", "col2"]
+    assert ds.X.dtype == np.float32
+    assert np.array_equal(ds.X.compute(), X.astype(np.float32))
+    # stats describe the stored float32 values
+    np.testing.assert_allclose(ds.stats.mean, X.astype(np.float32).astype(np.float64).mean(0), rtol=1e-12)
+
+
+def test_reingest_is_a_noop_and_new_files_append(tmp_path, client):
+    a = write_csv(tmp_path / "a.csv", *make_xy(500, 2, seed=1))
+    ingest([str(a)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.003)
+    before = tree_hashes(tmp_path / "ds.zarr")
+    again = ingest([str(a)], tmp_path / "ds.zarr", "y", client)
+    assert again.appended_files == [] and again.skipped_files == [str(a.resolve())]
+    assert tree_hashes(tmp_path / "ds.zarr") == before
+
+    b = write_csv(tmp_path / "b.csv", *make_xy(333, 2, seed=2))
+    res = ingest([str(a), str(b)], tmp_path / "ds.zarr", "y", client)
+    assert res.appended_files == [str(b.resolve())] and res.n_rows == 833
+    ref = reference_csv([a, b])
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert np.array_equal(ds.X.compute(), ref[:, :2]) and np.array_equal(ds.y.compute(), ref[:, 2])
+    np.testing.assert_allclose(ds.stats.variance, ref[:, :2].var(0), rtol=1e-12)
+
+
+def test_changed_file_is_refused_unless_replace(tmp_path, client):
+    a = write_csv(tmp_path / "a.csv", *make_xy(50, 2, seed=1))
+    b = write_csv(tmp_path / "b.csv", *make_xy(60, 2, seed=2))
+    ingest([str(a), str(b)], tmp_path / "ds.zarr", "y", client)
+    write_csv(a, *make_xy(40, 2, seed=3))
+    before = tree_hashes(tmp_path / "ds.zarr")
+    with pytest.raises(GradpipeError, match="changed since it was ingested.*--replace"):
+        ingest([str(a)], tmp_path / "ds.zarr", "y", client)
+    assert tree_hashes(tmp_path / "ds.zarr") == before
+    res = ingest([str(a)], tmp_path / "ds.zarr", "y", client, replace=True)
+    assert res.n_rows == 100
+    ref = reference_csv([a, b])
+    assert np.array_equal(open_dataset(tmp_path / "ds.zarr").y.compute(), ref[:, 2])
+
+
+def test_failed_append_leaves_the_store_byte_for_byte(tmp_path, client):
+    a = write_csv(tmp_path / "a.csv", *make_xy(501, 2))
+    ingest([str(a)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.003)
+    before = tree_hashes(tmp_path / "ds.zarr")
+    bad = write_csv(tmp_path / "b.csv", *make_xy(400, 2, seed=5))
+    lines = bad.read_text().splitlines()
+    lines[399] = lines[399].replace(",", ",oops,", 1).replace(",oops,", ",oops", 1)
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(GradpipeError, match=r"b\.csv: line 400, column 'x1'"):
+        ingest([str(bad)], tmp_path / "ds.zarr", "y", client)
+    assert tree_hashes(tmp_path / "ds.zarr") == before
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+
+
+def test_sigkill_during_append_leaves_store_intact_then_ingest_succeeds(tmp_path, client, scheduler):
+    a = write_csv(tmp_path / "a.csv", *make_xy(1001, 8))
+    ingest([str(a)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
+    before = tree_hashes(tmp_path / "ds.zarr")
+    big = write_csv(tmp_path / "big.csv", *make_xy(150_000, 8, seed=9))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", str(big), "--target", "y",
+                             "--dataset", str(tmp_path / "ds.zarr"), "--scheduler", scheduler],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any((p / "X" / "c").is_dir() and len(list((p / "X" / "c").iterdir())) > 2
+                  for p in tmp_path.glob(".ds.zarr.staging-*")):
+        assert proc.poll() is None, "ingest finished before it could be killed"
+        assert time.monotonic() < deadline, "no staged chunks appeared within 120 s"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tree_hashes(tmp_path / "ds.zarr") == before
+    res = ingest([str(big)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
+    assert res.n_rows == 151_001
+    ref = reference_csv([a, big])
+    assert np.array_equal(open_dataset(tmp_path / "ds.zarr").X.compute(), ref[:, :8])
+
+
+def test_drop_invalid_rows_are_counted(tmp_path, client):
+    X, y = make_xy(20, 2)
+    path = write_csv(tmp_path / "a.csv", X, y)
+    lines = path.read_text().splitlines()
+    lines[3] = "1.0,,2.0"
+    lines[5] = "nan,1.0,2.0"
+    lines[7] = "1.0,inf,2.0"
+    lines[9] = "1.0,abc,2.0"
+    path.write_text("\n".join(lines) + "\n")
+    res = ingest([str(path)], tmp_path / "ds.zarr", "y", client, on_invalid="drop")
+    assert (res.n_rows, res.dropped_rows) == (16, 4)
+    keep = [i for i in range(20) if i + 1 not in (3, 5, 7, 9)]
+    assert np.array_equal(open_dataset(tmp_path / "ds.zarr").y.compute(), y[keep])
+    assert read_info(tmp_path / "ds.zarr").manifest[0]["dropped"] == 4
+
+
+def test_store_opens_without_gradpipe(tmp_path, client):
+    path = write_csv(tmp_path / "a.csv", *make_xy(300, 3))
+    ingest([str(path)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.002)
+    code = f"""
+import sys, numpy as np, zarr, xarray as xr
+g = zarr.open_group({str(tmp_path / 'ds.zarr')!r}, mode='r')
+assert g.attrs['n_rows'] == 300 and g['X'].shape == (300, 3), g.attrs['n_rows']
+ds = xr.open_zarr({str(tmp_path / 'ds.zarr')!r}, consolidated=False)
+assert ds['X'].dims == ('row', 'feature') and ds['y'].shape == (300,)
+assert np.array_equal(ds['X'].values, g['X'][:])
+assert not any(m.startswith('pipeline') for m in sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_cli_json_output(tmp_path, scheduler, capsys):
+    path = write_csv(tmp_path / "a.csv", *make_xy(10, 2))
+    assert main(["ingest", str(path), "--target", "y", "--dataset", str(tmp_path / "ds.zarr"),
+                 "--scheduler", scheduler, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"dataset", "n_rows", "n_features", "feature_names", "appended_files", "skipped_files",
+                        "seconds"}
+    assert (out["n_rows"], out["feature_names"]) == (10, ["x0", "x1"])
