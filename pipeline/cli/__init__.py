@@ -9,7 +9,7 @@ import traceback
 
 from pipeline.errors import GradpipeError
 
-COMMANDS = ["ingest"]
+COMMANDS = ["make_data", "ingest", "train"]
 
 
 def common_options() -> argparse.ArgumentParser:

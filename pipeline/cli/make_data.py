@@ -27,8 +27,8 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=0.1, help="std of the linear noise (default 0.1)")
     p.add_argument("--scale-spread", type=float, default=10.0, metavar="F",
                    help="feature scales lie in [1/F, F], means in [-5F, 5F] (default 10)")
-    p.add_argument("--processes", type=int,
-                   help="writer processes (default: min(files, cores)); does not change the output")
+    p.add_argument("--threads", type=int,
+                   help="files written at once (default: min(files, cores)); never changes the output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = SynthSpec(kind=args.kind, rows=args.rows, features=args.features, files=args.files,
                      format=args.format, seed=args.seed, noise=args.noise, scale_spread=args.scale_spread)
-    result = make_data(spec, args.out, processes=args.processes)
+    result = make_data(spec, args.out, threads=args.threads)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -1,0 +1,124 @@
+"""``gradpipe train``: fit a model on a dataset store, checkpointing every iteration; ``--resume`` a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from pipeline.config import MODELS, PERSIST, SCHEDULES, SOLVERS, TrainConfig
+
+
+def _lr(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
+def register(sub, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[parent], help="train a model by distributed gradient descent",
+                       description="Train on a dataset store. Every iteration's θ and loss go to "
+                                   "RUNS_DIR/RUN_ID.zarr; Ctrl-C stops cleanly and prints the resume command.")
+    p.add_argument("--dataset", help="dataset store (from `gradpipe ingest`)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last committed iteration")
+    p.add_argument("--run-id", help="name of the new run (default: <dataset>-<time>-<random>)")
+    p.add_argument("--runs-dir", default="data/runs", help="where run stores live (default data/runs)")
+    d = TrainConfig()
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--solver", choices=SOLVERS, default=d.solver)
+    p.add_argument("--lr", type=_lr, default=d.lr, help="step size, or 'auto' (default): from the Lipschitz "
+                                                        "constant, with a backtracking safeguard for gd")
+    p.add_argument("--l2", type=float, default=d.l2, help="L2 penalty λ: adds (λ/2)·‖w‖² on original-scale "
+                                                          "weights (intercept unpenalized)")
+    p.add_argument("--max-iter", type=int, help=f"iterations (default {d.max_iter}; on --resume: the new total)")
+    p.add_argument("--tol", type=float, default=d.tol, help="stop when the relative loss change falls below "
+                                                            "(default 1e-12; sgd: 1e-4 per epoch)")
+    p.add_argument("--gtol", type=float, default=d.gtol, help=f"stop when ‖∇L‖ ≤ this (default {d.gtol:g})")
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="do not standardize features inside the kernel")
+    p.add_argument("--batch-chunks", type=int, default=d.batch_chunks, help="sgd: chunks per mini-batch")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="sgd learning-rate schedule")
+    p.add_argument("--power-t", type=float, default=d.power_t, help="sgd invscaling exponent")
+    p.add_argument("--early-stopping", action="store_true", help="sgd: stop on held-out chunks' loss")
+    p.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    p.add_argument("--n-iter-no-change", type=int, default=d.n_iter_no_change)
+    p.add_argument("--beta", type=float, default=d.beta, help="momentum coefficient")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fan-in", type=int, default=d.fan_in, help=f"reduction tree fan-in (default {d.fan_in})")
+    p.add_argument("--persist", choices=PERSIST, default=d.persist,
+                   help="keep chunks in worker memory (auto: when they fit in half of it) or stream from Zarr")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
+    p.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    names = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(**values)
+
+
+class Progress:
+    """One status line per iteration on a terminal; on a pipe, at most one line per second."""
+
+    def __init__(self, enabled: bool, max_iter: int):
+        self.enabled, self.max_iter, self.last = enabled, max_iter, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, t: int, rec: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        line = (f"iter {t:>6}/{self.max_iter}  loss {rec['loss']:.10g}  |g| {rec['grad_norm']:.3e}  "
+                f"lr {rec['lr']:.3g}  {rec['elapsed']:.1f}s")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif now - self.last >= 1.0 or t == 0:
+            print(line, file=sys.stderr, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import dask_client
+    from pipeline.errors import GradpipeError
+    from pipeline.store.dataset import read_info
+    from pipeline.train import resume, train
+
+    if bool(args.resume) == bool(args.dataset):
+        raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")
+    if args.dataset:
+        config = _config(args).validate()
+        read_info(args.dataset)  # a missing or wrong dataset fails before a cluster starts
+    progress = Progress(not (args.quiet or args.json), args.max_iter or TrainConfig().max_iter)
+    try:
+        with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
+            if args.resume:
+                result = resume(args.resume, runs_dir=args.runs_dir, client=client, max_iter=args.max_iter,
+                                time_budget=args.time_budget, on_iteration=progress)
+            else:
+                result = train(args.dataset, config, client=client, runs_dir=args.runs_dir, run_id=args.run_id,
+                               on_iteration=progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"run {result.run_id}: {result.status} after {result.n_iter} iterations ({result.message}); "
+              f"loss {result.loss:.10g}; {result.seconds:.2f} s, {result.seconds_per_iter * 1000:.1f} ms/iter, "
+              f"{result.passes:g} passes")
+        print(f"  intercept {result.intercept:.6g}")
+        for name, c in zip(result.feature_names, result.coef, strict=True):
+            print(f"  {name:>20} {c: .6g}")
+        print(f"  run store: {result.run_uri}")
+    if result.status == "stopped":
+        print(f"resume with: gradpipe train --resume {result.run_id} --runs-dir {args.runs_dir}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if "SIGTERM" in result.message else signal.SIGINT)
+    return 0

@@ -1,0 +1,124 @@
+"""The run store: every iteration's θ, loss and optimizer state, appended, never rewritten.
+
+Layout (a Zarr v3 group ``<runs_dir>/<run_id>.zarr``; README "Run store" says what row t means):
+
+- ``theta`` (T, d+1): θ_t in the standardized space, row t after t updates (row 0 = the start point),
+  ``grad`` (T, d+1): ∇L(θ_t) (what the next step needs, so a resume repeats it exactly);
+  ``coef`` (T, d) and ``intercept`` (T,) are the same model in the user's original feature space.
+- ``loss`` (T,): the objective L(θ_t) (mini-batch estimate for ``sgd``), ``grad_norm`` (T,): ‖∇L(θ_t)‖,
+  ``lr`` (T,): the step size that produced θ_t, ``elapsed`` (T,): seconds since the run started,
+  ``passes`` (T,): cumulative passes over the data.
+- ``state/<name>`` (T, …): optimizer state after iteration t (momentum, Adam moments).
+- attrs: ``gradpipe`` (kind, format), ``config``, ``dataset`` (uri, fingerprint, feature names, mean,
+  scale), ``committed`` (last complete row, written AFTER that row's data), ``resume`` (small solver state
+  for row ``committed``: step size, RNG state, counters), ``status``, ``message``, ``version``.
+
+One chunk per row: an iteration's write touches only new files, then one atomic rewrite of the group's
+attrs commits it. A crash between the two leaves a row that ``committed`` does not count yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import GradpipeError
+
+FORMAT_VERSION = 1
+SCALARS = ("loss", "grad_norm", "lr", "elapsed", "passes")
+
+
+class RunStore:
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        self._attrs = group.attrs.asdict()
+
+    # ---- create / open -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, config: dict, dataset: dict, n_params: int,
+               state_shapes: dict[str, tuple[int, ...]], version: str) -> RunStore:
+        path = Path(path)
+        if path.exists():
+            raise GradpipeError(f"run store {path} already exists; choose another --run-id or --resume it.")
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        d = n_params - 1
+        arrays = {"theta": (n_params,), "grad": (n_params,), "coef": (d,), "intercept": (),
+                  **{s: () for s in SCALARS}}
+        arrays.update({f"state/{k}": v for k, v in state_shapes.items()})
+        for name, shape in arrays.items():
+            group.create_array(name, shape=(0, *shape), chunks=(1, *shape) if shape else (1,),
+                               dtype="float64", fill_value=np.nan, compressors=None)
+        group.attrs.put({"gradpipe": {"kind": "run", "format_version": FORMAT_VERSION}, "config": config,
+                         "dataset": dataset, "committed": -1, "resume": {}, "status": "running",
+                         "message": "", "version": version})
+        return cls(group)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> RunStore:
+        path = Path(path)
+        if not path.exists():
+            raise GradpipeError(f"run {path} does not exist (see `gradpipe runs list`).")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:  # noqa: BLE001
+            raise GradpipeError(f"{path} is not a gradpipe run store ({exc}).") from None
+        if group.attrs.get("gradpipe", {}).get("kind") != "run":
+            raise GradpipeError(f"{path} is not a gradpipe run store.")
+        return cls(group)
+
+    # ---- attributes ------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._attrs
+
+    @property
+    def committed(self) -> int:
+        return int(self._attrs["committed"])
+
+    def _update_attrs(self, **changes: Any) -> None:
+        self._attrs.update(changes)
+        self.group.attrs.put(json.loads(json.dumps(self._attrs)))  # one atomic write of zarr.json
+
+    def set_status(self, status: str, message: str = "", **extra: Any) -> None:
+        self._update_attrs(status=status, message=message, **extra)
+
+    # ---- rows ------------------------------------------------------------------------------------
+    def append(self, rows: list[dict[str, Any]], resume: dict[str, Any]) -> None:
+        """Write rows ``committed+1 …`` (each a dict of array name → value), then commit them."""
+        if not rows:
+            return
+        start = self.committed + 1
+        stop = start + len(rows)
+        for name in rows[0]:
+            arr = self.group[name]
+            if arr.shape[0] < stop:
+                arr.resize((max(stop, 2 * arr.shape[0], 64), *arr.shape[1:]))  # grow geometrically
+            arr[start:stop] = np.stack([np.asarray(r[name], dtype=np.float64) for r in rows])
+        self._update_attrs(committed=stop - 1, resume=resume)
+
+    def finalize(self) -> None:
+        """Trim arrays to the committed rows so plain Zarr readers see exact shapes."""
+        n = self.committed + 1
+        for name in self.array_names():
+            arr = self.group[name]
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+
+    def array_names(self) -> list[str]:
+        names = [n for n, _ in self.group.arrays()]
+        if "state" in self.group:
+            names += [f"state/{n}" for n, _ in self.group["state"].arrays()]
+        return names
+
+    def column(self, name: str) -> np.ndarray:
+        return self.group[name][: self.committed + 1]
+
+    def row(self, name: str, t: int) -> np.ndarray:
+        return np.asarray(self.group[name][t])
+
+    def history(self) -> dict[str, np.ndarray]:
+        return {name: self.column(name) for name in self.array_names()}
