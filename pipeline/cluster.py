@@ -32,7 +32,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
         return
     with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=f"127.0.0.1:{dashboard_port}",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         _announce(client, announce)
         yield client
 

@@ -192,3 +192,16 @@ def test_cli_json_output(tmp_path, scheduler, capsys):
     assert set(out) >= {"dataset", "n_rows", "n_features", "feature_names", "appended_files", "skipped_files",
                         "seconds"}
     assert (out["n_rows"], out["feature_names"]) == (10, ["x0", "x1"])
+
+
+def test_columns_are_matched_by_name_not_position(tmp_path, client):
+    X, y = make_xy(30, 2)
+    write_csv(tmp_path / "a.csv", X[:10], y[:10])
+    with open(tmp_path / "b.csv", "w") as fh:  # same columns, another order, plus an unused one
+        fh.write("y,extra,x1,x0\n")
+        for row, t in zip(X[10:].tolist(), y[10:].tolist(), strict=True):
+            fh.write(f"{t!r},7,{row[1]!r},{row[0]!r}\n")
+    ingest([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], tmp_path / "ds.zarr", "y", client,
+           features=["x0", "x1"])
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert np.array_equal(ds.X.compute(), X) and np.array_equal(ds.y.compute(), y)

@@ -21,9 +21,8 @@ from pipeline.stats import FeatureStats
 
 @dataclass(frozen=True)
 class Schema:
-    """What to extract from every source: all of a file's columns, the features and the target."""
+    """What to extract from every source (by name: files may order their columns differently)."""
 
-    columns: list[str]
     features: list[str]
     target: str
     dtype: str
@@ -94,8 +93,10 @@ def _read_csv(piece: Piece, schema: Schema) -> Table:
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=schema.columns, use_threads=False,
-                                           block_size=max(1 << 20, len(data) + 1)),
+            # Parallelism comes from Dask, so pyarrow runs single-threaded; 4 MiB blocks parse ~1.5x
+            # faster than one block per piece (measured: 1.49 vs 0.97 M rows/s).
+            read_options=pacsv.ReadOptions(column_names=list(piece.columns), use_threads=False,
+                                           block_size=4 << 20),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.float64() for c in used},
                                                  include_columns=used),
         )
@@ -124,7 +125,7 @@ def _first_line_number(piece: Piece) -> int:
 def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> Table:
     """Row-by-row parse: names the exact bad line, or drops bad rows under ``--on-invalid drop``."""
     line0 = _first_line_number(piece)
-    index = {c: i for i, c in enumerate(schema.columns)}
+    index = {c: i for i, c in enumerate(piece.columns)}
     used = [*schema.features, schema.target]
     rows: list[list[float]] = []
     valid: list[bool] = []
@@ -133,9 +134,9 @@ def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> 
         line = line0 + reader.line_num - 1
         if not record:
             continue
-        if len(record) != len(schema.columns):
+        if len(record) != len(piece.columns):
             raise GradpipeError(f"{piece.path}: line {line} has {len(record)} fields, the header has "
-                                f"{len(schema.columns)}.")
+                                f"{len(piece.columns)}.")
         values, ok = [], True
         for c in used:
             cell = record[index[c]].strip()
@@ -200,7 +201,7 @@ def _read_parquet(piece: Piece, schema: Schema) -> Table:
 
 def _read_npy(piece: Piece, schema: Schema) -> Table:
     arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
-    index = {c: i for i, c in enumerate(schema.columns)}
+    index = {c: i for i, c in enumerate(piece.columns)}
     block = np.asarray(arr[piece.start:piece.stop], dtype=np.float64)
     X = block[:, [index[c] for c in schema.features]]
     y = block[:, index[schema.target]]

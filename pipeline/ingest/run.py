@@ -142,14 +142,13 @@ def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, fe
         raise GradpipeError(f"{files[0]}: columns {columns} differ from the dataset's "
                             f"{[*base.feature_names, base.target]}.")
     for f in files[1:]:
-        cols = read_columns(f)
-        if cols != columns and not (explicit and {*features, target} <= set(cols) and
-                                    file_format(f) == file_format(files[0])):
-            extra, lacking = sorted(set(cols) - set(columns)), sorted(set(columns) - set(cols))
-            order = ", in another order" if not extra and not lacking else ""
+        # Columns are matched by name, so their order may differ; with --features, extra columns are fine.
+        cols = set(read_columns(f))
+        if cols != set(columns) and not (explicit and {*features, target} <= cols):
+            extra, lacking = sorted(cols - set(columns)), sorted(set(columns) - cols)
             raise GradpipeError(f"{f}: columns differ from {files[0]} (extra: {extra or 'none'}, "
-                                f"missing: {lacking or 'none'}{order}).")
-    return Schema(columns=columns, features=features, target=target, dtype=dtype, on_invalid=on_invalid)
+                                f"missing: {lacking or 'none'}).")
+    return Schema(features=features, target=target, dtype=dtype, on_invalid=on_invalid)
 
 
 def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path], schema: Schema,
@@ -167,7 +166,8 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
         chunk_rows, n_old = base.chunk_rows, base.n_rows
         atomic.link_copy(live, staged)
         resize_rows(staged, n_old + bound)
-    hashes = {str(f): client.submit(file_sha256, str(f), pure=False) for f in files}
+    # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache.
+    hashes = {str(f): client.submit(file_sha256, str(f), pure=False, priority=-(10**9)) for f in files}
     metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows)
     n_total = n_old + sum(m.n_rows for m in metas)
     if n_total == 0:

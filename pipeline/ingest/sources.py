@@ -29,6 +29,7 @@ class Piece:
     index: int  # position of the piece within its file
     start: int
     stop: int
+    columns: tuple[str, ...]  # this file's own columns, in its own order
 
 
 def discover(sources: list[str]) -> list[Path]:
@@ -117,15 +118,15 @@ def plan_pieces(path: Path, columns: list[str]) -> tuple[list[Piece], int]:
     fmt = file_format(path)
     size = path.stat().st_size
     if fmt == "csv":
-        pieces, bound = _plan_csv(path, size, len(columns))
+        pieces, bound = _plan_csv(path, size, tuple(columns))
     elif fmt == "parquet":
         meta = _parquet_file(path).metadata
-        pieces = [Piece(str(path), fmt, i, i, i + 1) for i in range(meta.num_row_groups)]
+        pieces = [Piece(str(path), fmt, i, i, i + 1, tuple(columns)) for i in range(meta.num_row_groups)]
         bound = meta.num_rows
     else:
         shape, dtype = _npy_header(path)
         rows_per_piece = max(1, PIECE_BYTES // max(1, shape[1] * dtype.itemsize))
-        pieces = [Piece(str(path), fmt, i, s, min(s + rows_per_piece, shape[0]))
+        pieces = [Piece(str(path), fmt, i, s, min(s + rows_per_piece, shape[0]), tuple(columns))
                   for i, s in enumerate(range(0, shape[0], rows_per_piece))]
         bound = shape[0]
     if not pieces or bound == 0:
@@ -134,7 +135,7 @@ def plan_pieces(path: Path, columns: list[str]) -> tuple[list[Piece], int]:
     return pieces, bound
 
 
-def _plan_csv(path: Path, size: int, n_columns: int) -> tuple[list[Piece], int]:
+def _plan_csv(path: Path, size: int, columns: tuple[str, ...]) -> tuple[list[Piece], int]:
     with open(path, "rb") as fh:
         fh.readline()
         start = fh.tell()
@@ -151,6 +152,6 @@ def _plan_csv(path: Path, size: int, n_columns: int) -> tuple[list[Piece], int]:
         fh.seek(start)
         if not fh.read(PIECE_BYTES).strip():
             return [], 0
-    pieces = [Piece(str(path), "csv", i, a, b) for i, (a, b) in enumerate(pairwise(bounds)) if b > a]
+    pieces = [Piece(str(path), "csv", i, a, b, columns) for i, (a, b) in enumerate(pairwise(bounds)) if b > a]
     # every row holds n_columns values and n_columns-1 separators plus a newline: at least 2*n_columns bytes
-    return pieces, (size - start) // (2 * n_columns) + 1
+    return pieces, (size - start) // (2 * len(columns)) + 1

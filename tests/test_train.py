@@ -1,0 +1,151 @@
+"""Training correctness against independent references (numpy lstsq, closed forms, scikit-learn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig
+from pipeline.ingest import ingest
+from pipeline.train import train
+from tests.conftest import make_xy, write_csv
+
+N, D = 6000, 5
+
+
+@pytest.fixture(scope="module")
+def linear_data(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("linear")
+    X, y = make_xy(N, D, seed=3)
+    write_csv(root / "a.csv", X, y)
+    ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.05)  # 1310 rows: 5 chunks
+    return root, X, y
+
+
+@pytest.fixture(scope="module")
+def logistic_data(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("logistic")
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(N, D)) * [1, 5, 0.2, 2, 10] + [0, 3, -1, 5, 20]
+    logits = (X - X.mean(0)) / X.std(0) @ np.array([1.0, -2.0, 0.5, 0.0, 1.5]) + 0.3
+    y = (rng.uniform(size=N) < 1 / (1 + np.exp(-logits))).astype(float)
+    write_csv(root / "a.csv", X, y)
+    ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.05)
+    return root, X, y
+
+
+def lstsq(X, y):
+    A = np.column_stack([X, np.ones(len(X))])
+    sol = np.linalg.lstsq(A, y, rcond=None)[0]
+    return sol[:-1], sol[-1], 0.5 * np.mean((A @ sol - y) ** 2)
+
+
+def full_loss(X, y, coef, intercept):
+    return 0.5 * np.mean((X @ coef + intercept - y) ** 2)
+
+
+def test_linear_gd_equals_lstsq(linear_data, client, tmp_path):
+    root, X, y = linear_data
+    res = train(root / "ds.zarr", TrainConfig(gtol=1e-11, max_iter=1000), client=client, runs_dir=tmp_path)
+    coef, intercept, _ = lstsq(X, y)
+    assert res.status == "converged"
+    # The gradient norm bound 1e-11 and the condition number (~10 after standardization) bound the
+    # parameter error far below 1e-6; 1e-6 relative is the issue's bar.
+    np.testing.assert_allclose(res.coef, coef, rtol=1e-6)
+    assert abs(res.intercept - intercept) <= 1e-6 * max(1.0, abs(intercept))
+    assert res.passes <= 1.5 * (res.n_iter + 2)  # lr auto: about one pass per iteration (+ Gram, + θ_0)
+
+
+def test_ridge_equals_closed_form(linear_data, client, tmp_path):
+    root, X, y = linear_data
+    lam = 0.3
+    res = train(root / "ds.zarr", TrainConfig(l2=lam, gtol=1e-11, max_iter=2000), client=client, runs_dir=tmp_path)
+    # Closed form of mean(½ r²) + (λ/2)‖w‖² with an unpenalized intercept: centre, then solve.
+    xm, ym = X.mean(0), y.mean()
+    Xc, yc = X - xm, y - ym
+    w = np.linalg.solve(Xc.T @ Xc / len(X) + lam * np.eye(D), Xc.T @ yc / len(X))
+    np.testing.assert_allclose(res.coef, w, rtol=1e-6)
+    assert abs(res.intercept - (ym - xm @ w)) <= 1e-6 * max(1.0, abs(ym))
+
+
+def test_logistic_equals_sklearn(logistic_data, client, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    root, X, y = logistic_data
+    lam = 1e-3
+    res = train(root / "ds.zarr", TrainConfig(model="logistic", l2=lam, gtol=1e-11, max_iter=5000), client=client,
+                runs_dir=tmp_path)
+    # sklearn minimises C·Σ logloss + ½‖w‖²; dividing by C·n gives mean logloss + ‖w‖²/(2Cn): C = 1/(nλ).
+    ref = LogisticRegression(C=1 / (len(X) * lam), tol=1e-12, max_iter=100_000).fit(X, y)
+    assert res.status == "converged"
+    np.testing.assert_allclose(res.coef, ref.coef_[0], rtol=1e-5)
+    assert abs(res.intercept - ref.intercept_[0]) <= 1e-5 * max(1.0, abs(ref.intercept_[0]))
+
+
+@pytest.mark.parametrize("solver", ["momentum", "nesterov", "adam", "sgd"])
+def test_other_solvers_reach_the_lstsq_loss(solver, linear_data, client, tmp_path):
+    root, X, y = linear_data
+    cfg = TrainConfig(solver=solver, max_iter=3000)
+    res = train(root / "ds.zarr", cfg, client=client, runs_dir=tmp_path)
+    _, _, best = lstsq(X, y)
+    # The issue's bar: within 1e-3 relative of the optimal loss, measured on all rows by numpy.
+    assert full_loss(X, y, res.coef, res.intercept) <= best * (1 + 1e-3), res.message
+
+
+def test_sgd_early_stopping_holds_out_chunks(linear_data, client, tmp_path):
+    root, X, y = linear_data
+    res = train(root / "ds.zarr", TrainConfig(solver="sgd", early_stopping=True, validation_fraction=0.2,
+                                              max_iter=3000), client=client, runs_dir=tmp_path)
+    assert res.status == "converged" and res.message == "early stopping"
+    _, _, best = lstsq(X, y)
+    assert full_loss(X, y, res.coef, res.intercept) <= best * 1.01  # stops early, so a looser (1 %) bar
+
+
+def test_no_standardize_still_converges(linear_data, client, tmp_path):
+    root, X, y = linear_data
+    res = train(root / "ds.zarr", TrainConfig(standardize=False, max_iter=50), client=client, runs_dir=tmp_path)
+    losses = res.loss_history
+    assert np.all(np.diff(losses) <= 1e-12 * losses[:-1])  # Armijo: the loss never increases
+
+
+def test_logistic_loss_is_stable_at_huge_logits(tmp_path, client):
+    X = np.array([[1e4], [-1e4], [2e4], [-2e4]] * 10)
+    y = np.array([1.0, 0.0, 1.0, 0.0] * 10)
+    write_csv(tmp_path / "a.csv", X, y)
+    ingest([str(tmp_path / "a.csv")], tmp_path / "ds.zarr", "y", client)
+    res = train(tmp_path / "ds.zarr", TrainConfig(model="logistic", standardize=False, max_iter=3),
+                client=client, runs_dir=tmp_path / "runs")
+    assert np.all(np.isfinite(res.loss_history))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "newton"], "invalid choice: 'newton'"),
+    (["--lr", "0"], "--lr: must be a positive number or 'auto', not 0.0"),
+    (["--lr", "-1"], "--lr: must be a positive number or 'auto'"),
+    (["--max-iter", "-3"], "--max-iter: must be ≥ 0"),
+])
+def test_bad_options_exit_2(args, message, linear_data, tmp_path, capsys):
+    root, _, _ = linear_data
+    with pytest.raises(SystemExit) if "invalid choice" in message else _nothing():
+        code = main(["train", "--dataset", str(root / "ds.zarr"), "--runs-dir", str(tmp_path), *args])
+        assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run store was created
+
+
+def test_missing_dataset_and_non_binary_target(linear_data, tmp_path, scheduler, capsys):
+    root, _, _ = linear_data
+    assert main(["train", "--dataset", str(tmp_path / "nope.zarr")]) == 2
+    assert "nope.zarr does not exist" in capsys.readouterr().err
+    assert main(["train", "--dataset", str(root / "ds.zarr"), "--model", "logistic", "--runs-dir",
+                 str(tmp_path), "--scheduler", scheduler]) == 2
+    assert "--model logistic needs a 0/1 target" in capsys.readouterr().err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
