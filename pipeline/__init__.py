@@ -15,6 +15,10 @@ _EXPORTS = {
     "read_info": "pipeline.store.dataset",
     "ingest": "pipeline.ingest",
     "GradpipeError": "pipeline.errors",
+    "load_model": "pipeline.evaluate",
+    "predict_file": "pipeline.predict",
+    "LinearRegression": "pipeline.estimators",
+    "LogisticRegression": "pipeline.estimators",
 }
 
 

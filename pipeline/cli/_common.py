@@ -1,0 +1,61 @@
+"""Helpers shared by the commands that read run stores (evaluate, predict, export, runs)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import GradpipeError
+
+DEFAULT_RUNS_DIR = "data/runs"
+
+
+def add_runs_dir(p) -> None:
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
+                   help=f"where run stores live (default {DEFAULT_RUNS_DIR})")
+
+
+def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """A run id (looked up in ``runs_dir``) or a path to a ``.zarr`` run store → the store's path.
+
+    An existing path wins, so ``data/runs/x.zarr`` and ``x`` name the same run; a miss says where it looked.
+    """
+    text = str(run).rstrip("/")
+    as_path = Path(text)
+    if as_path.suffix == ".zarr" or os.sep in text:
+        if as_path.exists():
+            return as_path
+    by_id = Path(runs_dir) / f"{text.removesuffix('.zarr')}.zarr"
+    if by_id.exists():
+        return by_id
+    if as_path.exists() and (as_path / "zarr.json").exists():
+        return as_path
+    raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
+                        f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
+
+
+def started_at(path: Path, attrs: dict[str, Any]) -> float:
+    """When a run started (epoch seconds).
+
+    Run stores carry no start time, so this uses an ``started`` attr when a store has one, else the mtime of
+    row 0 of ``loss`` (written once, right after the start point is evaluated, never rewritten), else the
+    store directory's mtime.
+    """
+    started = attrs.get("started")
+    if isinstance(started, (int, float)):
+        return float(started)
+    if isinstance(started, str):
+        try:
+            return time.mktime(time.strptime(started[:19], "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            pass
+    for candidate in (path / "loss" / "c" / "0", path / "loss" / "c.0", path / "loss" / "0"):
+        if candidate.exists():
+            return candidate.stat().st_mtime
+    return path.stat().st_mtime
+
+
+def fmt_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))

@@ -1,0 +1,67 @@
+"""``gradpipe export``: a run's final model as a small, self-describing JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.cli._common import add_runs_dir
+
+FORMAT = "gradpipe.model/1"
+
+
+def register(sub, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export", parents=[parent], help="write a run's final model as JSON",
+                       description="Write RUN's final model (original feature space: prediction = "
+                                   "x·coef + intercept, through the sigmoid for logistic) with its provenance "
+                                   f"to a JSON file (format {FORMAT!r}).")
+    p.add_argument("run", metavar="RUN", help="run id (in --runs-dir) or path to a .zarr run store")
+    p.add_argument("--out", required=True, help="output JSON file (written atomically)")
+    add_runs_dir(p)
+    p.set_defaults(func=run)
+
+
+def model_document(path: Path) -> dict[str, Any]:
+    """The export document: everything needed to predict, plus where the model came from."""
+    from pipeline.evaluate import load_model
+    from pipeline.store.runs import RunStore
+
+    model = load_model(path)
+    attrs = RunStore.open(path).attrs
+    meta = attrs["dataset"]
+    return {
+        "format": FORMAT, "model": model["model"], "feature_names": model["feature_names"],
+        "target": model["target"], "coef": model["coef"].tolist(), "intercept": model["intercept"],
+        "run_id": model["run_id"], "status": model["status"], "n_iter": model["n_iter"], "loss": model["loss"],
+        "dataset": {"uri": meta["uri"], "fingerprint": meta["fingerprint"]}, "config": attrs["config"],
+    }
+
+
+def write_json_atomic(doc: dict[str, Any], out: Path) -> None:
+    """Temp file beside ``out``, fsync, rename: readers see the old file or the whole new one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2, allow_nan=True)  # repr-exact floats; NaN only for a NaN loss
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cli._common import resolve_run
+
+    path = resolve_run(args.run, args.runs_dir)
+    doc = model_document(path)
+    write_json_atomic(doc, Path(args.out))
+    print(f"exported run {doc['run_id']} ({doc['model']}, {len(doc['coef'])} features, iteration "
+          f"{doc['n_iter']}, {doc['status']}) to {args.out}")
+    return 0

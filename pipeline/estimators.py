@@ -1,0 +1,258 @@
+"""scikit-learn style estimators over the distributed trainer: ``fit`` → dataset store → ``train``.
+
+``fit`` writes X, y (NumPy, or Dask arrays written block by block on the workers) into a dataset store,
+then runs :func:`pipeline.train.train` on it, so the estimator is exactly the CLI's model: same objective
+(mean loss + (λ/2)‖w‖² on original-scale weights, intercept unpenalized), same solvers, a run store per fit.
+Without ``runs_dir`` both stores live in a temporary directory removed after ``fit``; with it, the run and
+its dataset (``runs_dir/datasets/<run_id>.zarr``) are kept, so ``gradpipe runs``/``evaluate`` can use them.
+The stores must be on a filesystem the workers share (always true for a local cluster).
+
+scikit-learn is only a dev dependency: with it the classes are real ``BaseEstimator``s (``clone``, grid
+search, pipelines); without it they keep the same ``get_params``/``set_params`` contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.stats import FeatureStats
+
+try:  # pragma: no branch - which one depends on the environment
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
+except ImportError:  # sklearn missing: same parameter protocol, no mixins
+    class BaseEstimator:  # type: ignore[no-redef]
+        """get_params/set_params by introspecting ``__init__``, as sklearn does."""
+
+        @classmethod
+        def _get_param_names(cls) -> list[str]:
+            params = inspect.signature(cls.__init__).parameters.values()
+            return sorted(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL,
+                                                                                          p.VAR_KEYWORD))
+
+        def get_params(self, deep: bool = True) -> dict[str, Any]:
+            return {name: getattr(self, name) for name in self._get_param_names()}
+
+        def set_params(self, **params: Any):
+            valid = self._get_param_names()
+            for key, value in params.items():
+                if key not in valid:
+                    raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; valid: {valid}")
+                setattr(self, key, value)
+            return self
+
+        def __repr__(self) -> str:
+            return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    class RegressorMixin:  # type: ignore[no-redef]
+        _estimator_type = "regressor"
+
+    class ClassifierMixin:  # type: ignore[no-redef]
+        _estimator_type = "classifier"
+
+    class ConvergenceWarning(UserWarning):  # type: ignore[no-redef]
+        pass
+
+
+# ---- writing a dataset store from arrays (block writer runs on the workers for Dask input) ----------
+def _write_block(path: str, index: int, chunk_rows: int, X, y) -> tuple[FeatureStats, int]:
+    from pipeline.store.dataset import write_chunk
+
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    write_chunk(path, index, chunk_rows, X, y)
+    return FeatureStats.of(X), int(np.count_nonzero(~np.isfinite(y)))
+
+
+def _default_chunk_rows(n: int, d: int) -> int:
+    """At most 64 MiB per chunk, and at least 8 chunks so every worker of a small cluster gets some."""
+    from pipeline.store.dataset import chunk_rows_for
+
+    return max(1, min(chunk_rows_for(64.0, d, 8), -(-n // 8)))
+
+
+def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
+                  feature_names: list[str] | None = None, target: str = "y") -> None:
+    """Store X (n, d) and y (n,) as a gradpipe dataset; Dask inputs are rechunked and written blockwise."""
+    import dask.array as da
+
+    from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
+
+    is_dask = isinstance(X, da.Array) or isinstance(y, da.Array)
+    if is_dask:
+        X, y = da.asarray(X), da.asarray(y)
+        if any(np.isnan(c) for c in X.chunks[0]) or any(np.isnan(c) for c in y.chunks[0]):
+            X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
+    else:
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be 2-D and y 1-D with as many rows; got {X.shape} and {y.shape}")
+    n, d = int(X.shape[0]), int(X.shape[1])
+    if n == 0 or d == 0:
+        raise ValueError(f"need at least one row and one feature, got X of shape {X.shape}")
+    rows = chunk_rows or _default_chunk_rows(n, d)
+    create_arrays(path, n, d, rows, "float64", "none")
+    n_chunks = -(-n // rows)
+    if is_dask:
+        import dask
+
+        X = X.astype(np.float64).rechunk({0: rows, 1: -1})
+        y = y.astype(np.float64).rechunk({0: rows})
+        xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
+        parts = [dask.delayed(_write_block)(str(path), i, rows, xb, yb)
+                 for i, (xb, yb) in enumerate(zip(xs, ys, strict=True))]
+        results = client.gather(client.compute(parts))
+    else:
+        results = [_write_block(str(path), i, rows, X[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows])
+                   for i in range(n_chunks)]
+    stats = FeatureStats.empty(d)
+    for s, _ in results:
+        stats = stats.merge(s)
+    if not (np.all(np.isfinite(stats.min)) and np.all(np.isfinite(stats.max))) or sum(b for _, b in results):
+        raise ValueError("X and y must be finite (no NaN or infinity)")
+    token = uuid.uuid4().hex  # in-memory input has no file hash: a fresh token per store
+    info = DatasetInfo(path=str(path), feature_names=feature_names or [f"x{i}" for i in range(d)], target=target,
+                       n_rows=n, chunk_rows=rows, dtype="float64", stats=stats,
+                       manifest=[{"path": "<array>", "sha256": token, "rows": n, "row_start": 0, "row_stop": n}])
+    commit_info(path, info)
+
+
+class _GradpipeModel(BaseEstimator):
+    _model = "linear"
+
+    def __init__(self, *, solver: str = "gd", lr: float | str = "auto", l2: float = 0.0, max_iter: int = 500,
+                 tol: float | None = None, gtol: float = 1e-8, standardize: bool = True, batch_chunks: int = 1,
+                 schedule: str = "adaptive", early_stopping: bool = False, seed: int = 0, fan_in: int = 8,
+                 chunk_rows: int | None = None, client=None, runs_dir: str | Path | None = None):
+        self.solver, self.lr, self.l2, self.max_iter, self.tol, self.gtol = solver, lr, l2, max_iter, tol, gtol
+        self.standardize, self.batch_chunks, self.schedule = standardize, batch_chunks, schedule
+        self.early_stopping, self.seed, self.fan_in, self.chunk_rows = early_stopping, seed, fan_in, chunk_rows
+        self.client, self.runs_dir = client, runs_dir
+
+    def __sklearn_clone__(self):
+        """Clone with the *same* client: a Dask client is a connection, not a parameter value to deep-copy."""
+        params = {k: v if k == "client" else copy.deepcopy(v) for k, v in self.get_params(deep=False).items()}
+        return type(self)(**params)
+
+    def _config(self):
+        from pipeline.config import TrainConfig
+
+        return TrainConfig(model=self._model, solver=self.solver, lr=self.lr, l2=self.l2, max_iter=self.max_iter,
+                           tol=self.tol, gtol=self.gtol, standardize=self.standardize,
+                           batch_chunks=self.batch_chunks, schedule=self.schedule,
+                           early_stopping=self.early_stopping, seed=self.seed, fan_in=self.fan_in).validate()
+
+    def _targets(self, y, client):
+        """Hook: the 0/1 (logistic) or float (linear) target to store."""
+        return y
+
+    def fit(self, X, y):
+        config = self._config()
+        if self.client is None:
+            from pipeline.cluster import dask_client
+
+            with dask_client(announce=False) as client:
+                return self._fit(X, y, config, client)
+        return self._fit(X, y, config, self.client)
+
+    def _fit(self, X, y, config, client):
+        from pipeline.train import train
+
+        run_id = f"{type(self).__name__.lower()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        tmp = Path(tempfile.mkdtemp(prefix="gradpipe-fit-")) if self.runs_dir is None else None
+        runs_dir = tmp / "runs" if tmp is not None else Path(self.runs_dir)
+        data = tmp / "data.zarr" if tmp is not None else runs_dir / "datasets" / f"{run_id}.zarr"
+        try:
+            data.parent.mkdir(parents=True, exist_ok=True)
+            write_dataset(data, X, self._targets(y, client), client, self.chunk_rows)
+            result = train(data, config, client=client, runs_dir=runs_dir, run_id=run_id)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.coef_, self.intercept_ = np.asarray(result.coef), float(result.intercept)
+        self.n_iter_, self.loss_history_, self.status_ = result.n_iter, np.asarray(result.loss_history), result.status
+        self.run_id_ = result.run_id
+        self.run_uri_ = None if tmp is not None else result.run_uri  # a temporary run store is gone
+        self.n_features_in_ = len(self.coef_)
+        if result.status == "max_iter":
+            warnings.warn(f"{type(self).__name__} stopped at max_iter={self.max_iter} before converging "
+                          f"({result.message}); raise max_iter or loosen tol/gtol.", ConvergenceWarning, stacklevel=3)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise AttributeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first.")
+
+    def decision_function(self, X):
+        """X @ coef_ + intercept_ (lazy for a Dask array, NumPy otherwise)."""
+        self._check_fitted()
+        import dask.array as da
+
+        X = X if isinstance(X, da.Array) else np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
+        return X @ self.coef_ + self.intercept_
+
+
+class LinearRegression(RegressorMixin, _GradpipeModel):
+    """Least squares (optionally ridge: ``l2`` = λ in mean ½(r²) + (λ/2)‖w‖²) by distributed GD."""
+
+    _model = "linear"
+
+    def predict(self, X):
+        return self.decision_function(X)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """R² = 1 − SS_res / SS_tot, like sklearn's regressors."""
+        y = np.asarray(y, dtype=np.float64)
+        r = y - np.asarray(self.predict(X))
+        w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        ss_tot = float(w @ (y - np.average(y, weights=w)) ** 2)
+        return 1.0 - float(w @ r**2) / ss_tot if ss_tot > 0 else float("nan")
+
+
+class LogisticRegression(ClassifierMixin, _GradpipeModel):
+    """Binary logistic regression: mean log-loss + (λ/2)‖w‖² (sklearn's C = 1 / (n·λ)) by distributed GD.
+
+    y may hold any two labels; ``classes_`` (sorted, as sklearn) maps them to 0/1 and back.
+    """
+
+    _model = "logistic"
+
+    def _targets(self, y, client):
+        import dask.array as da
+
+        if isinstance(y, da.Array):
+            classes = np.unique(client.compute(da.unique(y)).result())
+        else:
+            y = np.asarray(y)
+            classes = np.unique(y)
+        if len(classes) != 2:
+            raise ValueError(f"LogisticRegression needs exactly 2 classes in y, got {len(classes)}: {classes[:10]}")
+        self.classes_ = classes
+        return (y == classes[1]).astype(np.float64)
+
+    def predict_proba(self, X):
+        """Columns P(classes_[0]), P(classes_[1])."""
+        from pipeline.losses import expit
+
+        p = expit(np.asarray(self.decision_function(X)))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X):
+        """classes_[1] iff z > 0 (p > 0.5), the rule gradpipe's accuracy metric uses."""
+        return self.classes_[(np.asarray(self.decision_function(X)) > 0).astype(np.int64)]
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy, like sklearn's classifiers."""
+        hit = (self.predict(X) == np.asarray(y)).astype(np.float64)
+        return float(np.average(hit, weights=sample_weight))

@@ -1,0 +1,166 @@
+"""Batch predictions from a run's final model: CSV/Parquet in, the same rows plus predictions out.
+
+Streams record batches (pyarrow), so memory is one batch whatever the file size, and needs no cluster:
+a prediction is one mat-vec per batch. The output is written under a temporary name beside the target and
+renamed into place, so a crash never leaves a half-written file where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import GradpipeError
+from pipeline.evaluate import load_model
+from pipeline.losses import expit
+
+BATCH_ROWS = 65_536
+CSV_BLOCK_BYTES = 4 << 20
+OUTPUT_COLUMNS = ("prediction", "label")
+
+
+def file_kind(path: Path) -> str:
+    """'csv' or 'parquet' from the extension (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``)."""
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst")):
+        return "csv"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise GradpipeError(f"{path}: unknown file type; use a .csv or .parquet file.")
+
+
+def _csv_bad_cell(path: Path, features: list[str]) -> tuple[int, str, str] | None:
+    """Slow exact scan for the first bad feature cell, run only after pyarrow refused the file."""
+    import io
+
+    opener = pa.input_stream(str(path), compression="detect")
+    with opener as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        cols = [(header.index(f), f) for f in features if f in header]
+        for i, row in enumerate(reader, start=1):
+            for j, name in cols:
+                cell = row[j] if j < len(row) else ""
+                try:
+                    ok = math.isfinite(float(cell))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    return i, name, cell
+    return None
+
+
+def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    if kind == "parquet":
+        try:
+            pf = pq.ParquetFile(str(path))
+        except (OSError, pa.ArrowException) as exc:
+            raise GradpipeError(f"{path}: cannot read as Parquet ({exc}).") from None
+        return pf.schema_arrow, pf.iter_batches(batch_size=BATCH_ROWS)
+    try:
+        header = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)).schema.names
+    except (OSError, pa.ArrowException) as exc:
+        raise GradpipeError(f"{path}: cannot read as CSV ({exc}).") from None
+    types = {f: pa.float64() for f in features if f in header}  # parse features ourselves-strict, as floats
+    reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                            convert_options=pacsv.ConvertOptions(column_types=types))
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                bad = _csv_bad_cell(path, features)
+                if bad is not None:
+                    row, col, cell = bad
+                    raise GradpipeError(f"{path}: row {row}, column {col!r}: {cell!r} is not a number.") from None
+                raise GradpipeError(f"{path}: cannot parse ({exc}).") from None
+            yield batch
+
+    return reader.schema, gen()
+
+
+def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
+    """One feature column as float64, or a GradpipeError naming the first bad row (1-based) and column."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            col = pc.cast(col, pa.float64())
+        except pa.ArrowInvalid:
+            for i, v in enumerate(col.to_pylist()):
+                try:
+                    float(v)
+                except (TypeError, ValueError):
+                    raise GradpipeError(f"{path}: row {row0 + i + 1}, column {name!r}: {v!r} is not a number.") \
+                        from None
+    elif not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+              or pa.types.is_boolean(t) or pa.types.is_null(t)):
+        raise GradpipeError(f"{path}: column {name!r} has type {t}, not a number.")
+    values = col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls → NaN
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        what = "is missing or NaN" if np.isnan(values[i]) else f"is {values[i]}"
+        raise GradpipeError(f"{path}: row {row0 + i + 1}, column {name!r} {what}; predictions need finite numbers.")
+    return values
+
+
+def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[str, Any]:  # noqa: A002
+    """Write ``input``'s columns plus ``prediction`` (logistic: P(y=1), and ``label`` 0/1) to ``out``.
+
+    Any ``prediction``/``label`` columns already in the input are replaced. Label 1 iff z > 0 (p > 0.5),
+    the rule training's accuracy uses.
+    """
+    model = load_model(run)
+    src, dst = Path(input), Path(out)
+    kind_in, kind_out = file_kind(src), file_kind(dst)
+    if not src.exists():
+        raise GradpipeError(f"input {src} does not exist.")
+    features = model["feature_names"]
+    coef, intercept = model["coef"], model["intercept"]
+    logistic = model["model"] == "logistic"
+    schema, batches = _batches(src, kind_in, features)
+    missing = [f for f in features if f not in schema.names]
+    if missing:
+        raise GradpipeError(f"{src} lacks column(s) {', '.join(map(repr, missing))} that run {model['run_id']} "
+                            f"needs (it has {', '.join(schema.names)}).")
+    keep = [f for f in schema if f.name not in OUTPUT_COLUMNS]
+    added = [pa.field("prediction", pa.float64())] + ([pa.field("label", pa.int64())] if logistic else [])
+    out_schema = pa.schema(keep + added)  # no input metadata: it would describe other columns
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    rows = 0
+    try:
+        if kind_out == "csv":
+            writer: Any = pacsv.CSVWriter(str(tmp), out_schema)
+        else:
+            writer = pq.ParquetWriter(str(tmp), out_schema)
+        with writer:
+            for batch in batches:
+                X = np.column_stack([_as_float(batch.column(f), f, src, rows) for f in features]) if features \
+                    else np.zeros((batch.num_rows, 0))
+                z = X @ coef + intercept
+                cols = [batch.column(f.name) for f in keep]
+                if logistic:
+                    cols += [pa.array(expit(z)), pa.array((z > 0).astype(np.int64))]
+                else:
+                    cols.append(pa.array(z))
+                writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=out_schema))
+                rows += batch.num_rows
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"run_id": model["run_id"], "model": model["model"], "input": str(src), "out": str(dst), "rows": rows}

@@ -1,0 +1,148 @@
+"""Determinism across cluster sizes, bitwise-exact resume after SIGKILL, clean stop on SIGINT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig
+from pipeline.ingest import ingest
+from pipeline.store.runs import RunStore
+from pipeline.train import resume, train
+from tests.conftest import make_xy, write_csv
+
+# Everything but wall-clock time must repeat exactly.
+EXACT = ("theta", "grad", "coef", "intercept", "loss", "grad_norm", "lr", "passes")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("resume")
+    X, y = make_xy(8000, 6, seed=21)
+    write_csv(root / "a.csv", X, y)
+    ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.02)  # 20 chunks of 409 rows
+    return root / "ds.zarr"
+
+
+def history(runs_dir, run_id) -> dict[str, np.ndarray]:
+    return RunStore.open(runs_dir / f"{run_id}.zarr").history()
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for name in a:
+        if name in EXACT or name.startswith("state/"):
+            assert a[name].shape == b[name].shape, name
+            assert np.array_equal(a[name], b[name], equal_nan=True), name  # bitwise, not approximately
+
+
+@pytest.mark.parametrize("solver", ["gd", "sgd"])
+def test_histories_are_bitwise_identical_on_1_2_and_4_workers(solver, dataset, client, tmp_path):
+    # without standardization gd needs many iterations: a long, non-trivial trajectory to compare
+    cfg = TrainConfig(solver=solver, max_iter=25, batch_chunks=3, tol=0, gtol=0, standardize=False)
+    train(dataset, cfg, client=client, runs_dir=tmp_path, run_id="two")
+    for n in (1, 4):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
+            train(dataset, cfg, client=c, runs_dir=tmp_path, run_id=f"w{n}")
+    ref = history(tmp_path, "two")
+    assert len(ref["loss"]) == 26
+    for n in (1, 4):
+        assert_same(ref, history(tmp_path, f"w{n}"))
+
+
+@pytest.mark.parametrize("solver", ["gd", "momentum", "adam", "sgd"])
+def test_two_runs_with_the_same_seed_are_identical(solver, dataset, client, tmp_path):
+    cfg = TrainConfig(solver=solver, max_iter=15, seed=7, tol=0, gtol=0)
+    for rid in ("a", "b"):
+        train(dataset, cfg, client=client, runs_dir=tmp_path, run_id=rid)
+    assert_same(history(tmp_path, "a"), history(tmp_path, "b"))
+
+
+def wait_for_commit(path, at_least: int, proc, deadline_s: float = 120) -> int:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"iteration {at_least} not committed within {deadline_s} s"
+        try:
+            committed = json.loads((path / "zarr.json").read_text())["attributes"]["committed"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            committed = -1
+        if committed >= at_least:
+            return committed
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("solver", ["momentum", "sgd"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, dataset, client, scheduler, tmp_path):
+    args = ["--solver", solver, "--max-iter", "150", "--tol", "0", "--gtol", "0", "--seed", "3"]
+    train(dataset, TrainConfig(solver=solver, max_iter=150, tol=0, gtol=0, seed=3), client=client,
+          runs_dir=tmp_path, run_id="whole")
+    kill_at = random.Random().randint(3, 60)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
+                             "cut", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--quiet", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_commit(tmp_path / "cut.zarr", kill_at, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = RunStore.open(tmp_path / "cut.zarr")
+    assert store.attrs["status"] == "running" and store.committed < 150
+    result = resume("cut", runs_dir=tmp_path, client=client)
+    assert result.status == "max_iter"
+    assert_same(history(tmp_path, "whole"), history(tmp_path, "cut"))
+
+
+def test_sigint_stops_cleanly_and_prints_the_resume_command(dataset, scheduler, client, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
+                             "int", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--solver",
+                             "momentum", "--max-iter", "100000", "--tol", "0", "--gtol", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_commit(tmp_path / "int.zarr", 5, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"gradpipe train --resume int --runs-dir {tmp_path}" in err
+    store = RunStore.open(tmp_path / "int.zarr")
+    assert store.attrs["status"] == "stopped"
+    n = store.committed
+    assert len(store.column("loss")) == n + 1 and np.all(np.isfinite(store.column("loss")))
+    # resuming continues from the committed row and equals an uninterrupted run of the same length
+    resume("int", runs_dir=tmp_path, client=client, max_iter=n + 5)
+    train(dataset, TrainConfig(solver="momentum", max_iter=n + 5, tol=0, gtol=0), client=client,
+          runs_dir=tmp_path, run_id="ref")
+    assert_same(history(tmp_path, "ref"), history(tmp_path, "int"))
+
+
+def test_resume_refuses_a_changed_dataset(tmp_path, client, capsys, scheduler):
+    X, y = make_xy(500, 3)
+    write_csv(tmp_path / "a.csv", X, y)
+    ingest([str(tmp_path / "a.csv")], tmp_path / "ds.zarr", "y", client)
+    train(tmp_path / "ds.zarr", TrainConfig(max_iter=3, gtol=0), client=client, runs_dir=tmp_path / "runs",
+          run_id="r")
+    write_csv(tmp_path / "b.csv", *make_xy(100, 3, seed=4))
+    ingest([str(tmp_path / "b.csv")], tmp_path / "ds.zarr", "y", client)
+    code = main(["train", "--resume", "r", "--runs-dir", str(tmp_path / "runs"), "--scheduler", scheduler])
+    assert code == 2
+    assert "changed since run r started" in capsys.readouterr().err
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_theta(dataset, scheduler, tmp_path,
+                                                                             capsys):
+    code = main(["train", "--dataset", str(dataset), "--lr", "50", "--run-id", "div", "--runs-dir",
+                 str(tmp_path), "--scheduler", scheduler, "--max-iter", "200"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "Lower --lr (now 50)" in err
+    store = RunStore.open(tmp_path / "div.zarr")
+    assert store.attrs["status"] == "diverged"
+    assert np.all(np.isfinite(store.column("loss"))) and np.all(np.isfinite(store.column("theta")))
