@@ -18,21 +18,8 @@ def default_workers() -> int:
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None,
                 dashboard_port: int = 8787, announce: bool = True) -> Iterator[Client]:
-    """Yield a client for ``scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``), else for a new LocalCluster.
-
-    The embedded cluster runs worker *processes* with one thread each (the chunk kernels release the GIL
-    only in BLAS, so processes scale and threads do not), listens on 127.0.0.1 only, and serves the
-    dashboard on ``dashboard_port`` (a free port if that one is taken).
-    """
-    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if address:
-        with Client(address, timeout="30s") as client:
-            _announce(client, announce)
-            yield client
-        return
-    with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=f"127.0.0.1:{dashboard_port}",
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+    """Yield a client for ``scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``), else for a new LocalCluster."""
+    with cluster_address(scheduler, workers, dashboard_port) as address, Client(address, timeout="30s") as client:
         _announce(client, announce)
         yield client
 
@@ -67,3 +54,24 @@ def tune_latency(client: Client, interval: float = 0.0005) -> None:
         client.run_on_scheduler(_set_scheduler_interval, interval=interval)
     except Exception:  # noqa: BLE001 - an optimisation only
         logging.getLogger(__name__).debug("could not tune Dask batching intervals", exc_info=True)
+
+
+@contextmanager
+def cluster_address(scheduler: str | None = None, workers: int | None = None,
+                    dashboard_port: int = 8787) -> Iterator[str]:
+    """The address of ``scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``), else of a new LocalCluster that lives as
+    long as the ``with`` block: the flows start one cluster per flow run and hand its address to tasks.
+
+    The embedded cluster runs worker *processes* with one thread each (the kernels hold the GIL outside
+    BLAS, so processes scale and threads do not), listens on 127.0.0.1 only, and serves the dashboard on
+    ``dashboard_port`` (Dask picks a free port if that one is taken).
+    """
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        yield address
+        return
+    with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=f"127.0.0.1:{dashboard_port}",
+                      silence_logs=logging.CRITICAL) as cluster:
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler chats at INFO
+        yield cluster.scheduler_address

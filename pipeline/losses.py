@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 Pointwise = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-DEFAULT_BLOCK_ROWS = 8192
+DEFAULT_BLOCK_ROWS = 8192  # chunk_gram / predict / metrics
+SUMS_BLOCK_BYTES = 2**21  # chunk_sums: X per block (see _sums_block_rows)
+MIN_BLOCK_ROWS = 128
 
 
 def expit(z: np.ndarray) -> np.ndarray:
@@ -149,6 +151,50 @@ def _blocks(X: np.ndarray, block_rows: int) -> Iterator[tuple[slice, np.ndarray]
         yield sl, np.asarray(X[sl], dtype=np.float64)
 
 
+def _sums_block_rows(n_features: int) -> int:
+    """Default rows per block of :func:`chunk_sums`: about ``SUMS_BLOCK_BYTES`` of float64 X."""
+    return max(MIN_BLOCK_ROWS, SUMS_BLOCK_BYTES // (8 * max(n_features, 1)))
+
+
+def _linear_residual(z: np.ndarray, y: np.ndarray, b: float, acc: np.ndarray, *_buffers: np.ndarray) -> np.ndarray:
+    """``z`` holds ``X_b @ w``: make it ``r = z + b - y`` in place; add ``[sum r, r.r]`` to ``acc``."""
+    z += b
+    z -= y
+    acc[0] += z.sum()
+    acc[1] += z @ z  # halved once at the end (exact), instead of building 0.5*r*r
+    return z
+
+
+def _logistic_residual(z: np.ndarray, y: np.ndarray, b: float, acc: np.ndarray, t1: np.ndarray, t2: np.ndarray,
+                       pos: np.ndarray) -> np.ndarray:
+    """``z`` holds ``X_b @ w``; return ``r = expit(z + b) - y`` (in ``t2``) and add ``[sum r, loss]`` to ``acc``.
+
+    The math of :func:`expit` and ``_logistic_pointwise`` sharing one ``e = exp(-|z|)``, in preallocated
+    buffers (``z`` is overwritten): ``log(1 + e^z) - y z = (max(z, 0) - y z) + log1p(e)``, whose first term is
+    ``>= 0`` for 0/1 targets, so no large terms cancel; ``exp`` only ever sees ``-|z| <= 0``.
+    """
+    z += b
+    np.greater_equal(z, 0.0, out=pos)
+    np.abs(z, out=t1)
+    np.negative(t1, out=t1)
+    np.exp(t1, out=t1)  # e
+    np.maximum(z, 0.0, out=t2)
+    z *= y
+    t2 -= z  # max(z, 0) - y z
+    np.log1p(t1, out=z)
+    t2 += z
+    acc[1] += t2.sum()
+    np.add(t1, 1.0, out=z)  # 1 + e
+    np.maximum(t1, pos, out=t2)  # expit's numerator: 1 where z >= 0 (e <= 1 there), else e; no NaN masking
+    t2 /= z
+    t2 -= y
+    acc[0] += t2.sum()
+    return t2
+
+
+_RESIDUALS = {"linear": _linear_residual, "logistic": _logistic_residual}
+
+
 def chunk_sums(
     model: str,
     X: np.ndarray,
@@ -156,33 +202,58 @@ def chunk_sums(
     theta: np.ndarray,
     mean: np.ndarray | None = None,
     scale: np.ndarray | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
 ) -> np.ndarray:
     """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, n_rows]``.
 
     Sums (not means) so partial results reduce by plain addition; the gradient is w.r.t. the
     standardized ``theta``: ``grad_w = (X^T r - mean * sum(r)) / scale``, ``grad_b = sum(r)``.
+
+    X is read from memory once: per row block, ``z = X_b @ w`` (BLAS), the residual ``r`` and the loss in
+    preallocated buffers, then ``X_b^T r`` while the block is still in cache. ``block_rows`` (default: about
+    ``SUMS_BLOCK_BYTES`` of X per block) only changes the summation order, i.e. rounding; the result is a
+    deterministic function of the inputs and ``block_rows``.
     """
-    loss = _get_model(model)
+    _get_model(model)
     X, y = _check_X(X, y)
-    d = X.shape[1]
+    n, d = X.shape
     theta = _check_theta(theta, d)
     w_eff, b_eff, m, s = _effective(theta, mean, scale)
+    if block_rows is None:
+        block_rows = _sums_block_rows(d)
+    elif block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    residual = _RESIDUALS[model]
+    rows = min(block_rows, n)
+    zbuf = np.empty(rows)
+    extra = (np.empty(rows), np.empty(rows), np.empty(rows, dtype=bool)) if model == "logistic" else ()
+    xbuf = None if X.dtype == np.float64 else np.empty((rows, d))  # float32 is upcast one block at a time
+    ybuf = None if y.dtype == np.float64 else np.empty(rows)
     xtr = np.zeros(d)
-    sum_r = 0.0
-    loss_sum = 0.0
+    part = np.empty(d)
+    acc = np.zeros(2)  # [sum r, loss sum (linear: r.r)]
     with np.errstate(under="ignore"):  # tiny sigmoid tails flushing to 0 is harmless
-        for sl, Xb in _blocks(X, block_rows):
-            z = Xb @ w_eff + b_eff
-            lv, r = loss.pointwise(z, np.asarray(y[sl], dtype=np.float64))
-            xtr += Xb.T @ r  # same block, still in cache
-            sum_r += float(r.sum())
-            loss_sum += float(lv.sum())
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            k = stop - start
+            Xb, yb = X[start:stop], y[start:stop]
+            if xbuf is not None:
+                Xb = xbuf[:k]
+                np.copyto(Xb, X[start:stop], casting="unsafe")
+            if ybuf is not None:
+                yb = ybuf[:k]
+                np.copyto(yb, y[start:stop], casting="unsafe")
+            z = zbuf[:k]
+            np.dot(Xb, w_eff, out=z)
+            r = residual(z, yb, b_eff, acc, *(e[:k] for e in extra))
+            np.dot(r, Xb, out=part)  # X_b^T r: the same block, still in cache
+            xtr += part
+    sum_r = float(acc[0])
     out = np.empty(d + 3)
     out[:d] = (xtr - m * sum_r) / s
     out[d] = sum_r
-    out[d + 1] = loss_sum
-    out[d + 2] = X.shape[0]
+    out[d + 1] = 0.5 * acc[1] if model == "linear" else acc[1]
+    out[d + 2] = n
     return out
 
 

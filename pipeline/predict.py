@@ -8,6 +8,7 @@ renamed into place, so a crash never leaves a half-written file where a finished
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import uuid
@@ -40,24 +41,27 @@ def file_kind(path: Path) -> str:
     raise GradpipeError(f"{path}: unknown file type; use a .csv or .parquet file.")
 
 
-def _csv_bad_cell(path: Path, features: list[str]) -> tuple[int, str, str] | None:
-    """Slow exact scan for the first bad feature cell, run only after pyarrow refused the file."""
-    import io
+def _csv_rows(path: Path) -> Iterator[list[str]]:
+    """Python's csv module over the (possibly compressed) file: the header, and the slow exact scan."""
+    with pa.input_stream(str(path), compression="detect") as raw, \
+            io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+        yield from csv.reader(fh)
 
-    opener = pa.input_stream(str(path), compression="detect")
-    with opener as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, [])
-        cols = [(header.index(f), f) for f in features if f in header]
-        for i, row in enumerate(reader, start=1):
-            for j, name in cols:
-                cell = row[j] if j < len(row) else ""
-                try:
-                    ok = math.isfinite(float(cell))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    return i, name, cell
+
+def _csv_bad_cell(path: Path, features: list[str]) -> tuple[int, str, str] | None:
+    """The first feature cell that is not a finite number; run only after pyarrow refused the file."""
+    rows = _csv_rows(path)
+    header = next(rows, [])
+    cols = [(header.index(f), f) for f in features if f in header]
+    for i, row in enumerate(rows, start=1):
+        for j, name in cols:
+            cell = row[j] if j < len(row) else ""
+            try:
+                ok = math.isfinite(float(cell))
+            except ValueError:
+                ok = False
+            if not ok:
+                return i, name, cell
     return None
 
 
@@ -68,13 +72,22 @@ def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Ite
         except (OSError, pa.ArrowException) as exc:
             raise GradpipeError(f"{path}: cannot read as Parquet ({exc}).") from None
         return pf.schema_arrow, pf.iter_batches(batch_size=BATCH_ROWS)
+
+    def refused(exc: Exception) -> GradpipeError:
+        bad = _csv_bad_cell(path, features) if isinstance(exc, pa.ArrowInvalid) else None
+        if bad is not None:
+            row, col, cell = bad
+            return GradpipeError(f"{path}: row {row}, column {col!r}: {cell!r} is not a number.")
+        return GradpipeError(f"{path}: cannot read as CSV ({exc}).")
+
     try:
-        header = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)).schema.names
-    except (OSError, pa.ArrowException) as exc:
-        raise GradpipeError(f"{path}: cannot read as CSV ({exc}).") from None
-    types = {f: pa.float64() for f in features if f in header}  # parse features ourselves-strict, as floats
-    reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                            convert_options=pacsv.ConvertOptions(column_types=types))
+        header = next(_csv_rows(path), [])
+        # Features are parsed as float64 by pyarrow (fast path); other columns keep their inferred types.
+        types = {f: pa.float64() for f in features if f in header}
+        reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                                convert_options=pacsv.ConvertOptions(column_types=types))
+    except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:
+        raise refused(exc) from None
 
     def gen() -> Iterator[pa.RecordBatch]:
         while True:
@@ -82,12 +95,8 @@ def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Ite
                 batch = reader.read_next_batch()
             except StopIteration:
                 return
-            except pa.ArrowInvalid as exc:
-                bad = _csv_bad_cell(path, features)
-                if bad is not None:
-                    row, col, cell = bad
-                    raise GradpipeError(f"{path}: row {row}, column {col!r}: {cell!r} is not a number.") from None
-                raise GradpipeError(f"{path}: cannot parse ({exc}).") from None
+            except pa.ArrowException as exc:
+                raise refused(exc) from None
             yield batch
 
     return reader.schema, gen()

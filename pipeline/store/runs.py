@@ -33,9 +33,13 @@ SCALARS = ("loss", "grad_norm", "lr", "elapsed", "passes")
 
 
 class RunStore:
-    def __init__(self, group: zarr.Group):
-        self.group = group
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group, self.path = group, path
         self._attrs = group.attrs.asdict()
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name.removesuffix(".zarr")
 
     # ---- create / open -------------------------------------------------------------------------
     @classmethod
@@ -55,7 +59,7 @@ class RunStore:
         group.attrs.put({"gradpipe": {"kind": "run", "format_version": FORMAT_VERSION}, "config": config,
                          "dataset": dataset, "committed": -1, "resume": {}, "status": "running",
                          "message": "", "version": version})
-        return cls(group)
+        return cls(group, path)
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> RunStore:
@@ -68,7 +72,7 @@ class RunStore:
             raise GradpipeError(f"{path} is not a gradpipe run store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "run":
             raise GradpipeError(f"{path} is not a gradpipe run store.")
-        return cls(group)
+        return cls(group, path)
 
     # ---- attributes ------------------------------------------------------------------------------
     @property
@@ -122,3 +126,7 @@ class RunStore:
 
     def history(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in self.array_names()}
+
+    def annotate(self, **values: Any) -> None:
+        """Record extra facts about the run (warm start source, publish decision) in its attrs."""
+        self._update_attrs(**values)

@@ -1,0 +1,56 @@
+"""The Prefect flows: ingest, train, evaluate, and the whole pipeline with its quality gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.tasks import evaluate_task, ingest_task, publish_task, report_task, train_task, warm_start_task
+from pipeline.cluster import cluster_address
+from pipeline.settings import Settings, load
+from pipeline.train import new_run_id
+
+
+def _settings(settings: dict[str, Any] | None) -> Settings:
+    return Settings.from_dict(settings) if settings else load()
+
+
+@flow(name="gradpipe-ingest", log_prints=True)
+def ingest_flow(settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = _settings(settings)
+    with cluster_address(s.scheduler, s.workers or None) as address:
+        return ingest_task(s.to_dict(), address)
+
+
+@flow(name="gradpipe-train", log_prints=True)
+def train_flow(settings: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+    s = _settings(settings)
+    with cluster_address(s.scheduler, s.workers or None) as address:
+        return train_task(s.to_dict(), address, run_id or new_run_id(s.name), None)
+
+
+@flow(name="gradpipe-evaluate", log_prints=True)
+def evaluate_flow(run_uri: str, settings: dict[str, Any] | None = None) -> dict[str, float]:
+    s = _settings(settings)
+    with cluster_address(s.scheduler, s.workers or None) as address:
+        return evaluate_task(s.to_dict(), address, run_uri)
+
+
+@flow(name="gradpipe-pipeline", log_prints=True)
+def pipeline_flow(settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest new raw files → train (warm-started when the data grew) → evaluate → publish if not worse."""
+    s = _settings(settings)
+    log = get_run_logger()
+    with cluster_address(s.scheduler, s.workers or None) as address:
+        cfg = s.to_dict()
+        ingested = ingest_task(cfg, address)
+        warm = warm_start_task(cfg)
+        if warm:
+            log.info("dataset grew: warm start from run %s", warm["run_id"])
+        trained = train_task(cfg, address, new_run_id(s.name), warm)
+        metrics = evaluate_task(cfg, address, trained["run_uri"])
+        decision = publish_task(cfg, address, trained["run_uri"], metrics)
+        png = report_task(cfg, trained["run_uri"], metrics, decision)
+    return {"ingest": ingested, "train": trained, "metrics": metrics, "publish": decision, "loss_curve": png,
+            "warm_start": warm["run_id"] if warm else None}

@@ -1,0 +1,147 @@
+"""Prefect tasks: thin wrappers that pass URIs and small dicts; the maths runs on the Dask cluster.
+
+Every task takes the flow's ``Settings`` as a dict and the Dask scheduler address, and opens a client of its
+own (clients don't pickle; addresses do). ``cache_policy=NO_CACHE``: inputs are small, but hashing them
+is pointless, and results must never be reused across runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
+
+from pipeline import losses
+from pipeline.cluster import dask_client
+from pipeline.evaluate import evaluate, load_model
+from pipeline.ingest import ingest
+from pipeline.publish import decide, latest_completed_run, publish, read_published
+from pipeline.report import loss_curve_png, markdown
+from pipeline.settings import Settings
+from pipeline.store.dataset import read_info
+from pipeline.store.runs import RunStore
+from pipeline.train import resume, train
+
+# Called as hook(attempt, iteration, record) after every training iteration: monitoring, or fault
+# injection in tests (an exception fails the attempt; the retry resumes from the committed iteration).
+ITERATION_HOOKS: list[Callable[[int, int, dict[str, Any]], None]] = []
+
+
+@task(cache_policy=NO_CACHE)
+def ingest_task(settings: dict[str, Any], address: str) -> dict[str, Any]:
+    s = Settings.from_dict(settings)
+    log = get_run_logger()
+    with dask_client(address, announce=False) as client:
+        result = ingest(s.raw, s.dataset, s.target, client, chunk_mb=s.chunk_mb, dtype=s.dtype,
+                        on_invalid=s.on_invalid)
+    log.info("dataset %s: %d rows × %d features; %d new file(s), %d already ingested", result.dataset,
+             result.n_rows, result.n_features, len(result.appended_files), len(result.skipped_files))
+    return result.to_json()
+
+
+@task(cache_policy=NO_CACHE)
+def warm_start_task(settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest completed run on this dataset, when the dataset has grown since it ran."""
+    s = Settings.from_dict(settings)
+    info = read_info(s.dataset)
+    prev = latest_completed_run(s.runs_dir, info.path, s.train.model)
+    if prev is None or prev.attrs["dataset"]["fingerprint"] == info.fingerprint():
+        return None
+    coef, intercept = losses.to_original(prev.row("theta", prev.committed),
+                                         _array(prev.attrs["dataset"]["mean"]), _array(prev.attrs["dataset"]["scale"]))
+    return {"run_id": prev.run_id, "coef": coef.tolist(), "intercept": intercept}
+
+
+def _array(values):
+    import numpy as np
+
+    return None if values is None else np.asarray(values)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[str, Any] | None) -> dict[str, Any]:
+    """Train, or — on a retry after a failure — resume the same run from its committed iteration."""
+    s = Settings.from_dict(settings)
+    log = get_run_logger()
+    attempt = task_run.run_count
+    path = s.runs_dir / f"{run_id}.zarr"
+
+    def on_iteration(t: int, rec: dict[str, Any]) -> None:
+        if t % 50 == 0:
+            log.info("iter %d loss %.10g |g| %.3e lr %.3g %.2fs", t, rec["loss"], rec["grad_norm"], rec["lr"],
+                     rec["elapsed"])
+        for hook in ITERATION_HOOKS:
+            hook(attempt, t, rec)
+
+    with dask_client(address, announce=False) as client:
+        log.info("Dask dashboard: %s; run store: %s", client.dashboard_link, path)
+        if path.exists() and RunStore.open(path).committed >= 0:
+            log.info("attempt %d: resuming run %s from iteration %d", attempt, run_id, RunStore.open(path).committed)
+            result = resume(run_id, runs_dir=s.runs_dir, client=client, on_iteration=on_iteration)
+        else:
+            shutil.rmtree(path, ignore_errors=True)  # a store that never committed an iteration holds nothing
+            init = (warm["coef"], warm["intercept"]) if warm else None
+            result = train(s.dataset, s.train, client=client, runs_dir=s.runs_dir, run_id=run_id, init=init,
+                           on_iteration=on_iteration)
+            if warm:
+                RunStore.open(path, mode="r+").annotate(warm_start=warm["run_id"])
+    log.info("run %s: %s after %d iterations, loss %.10g (%s)", run_id, result.status, result.n_iter, result.loss,
+             result.message)
+    return result.to_json()
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_task(settings: dict[str, Any], address: str, run_uri: str) -> dict[str, float]:
+    s = Settings.from_dict(settings)
+    with dask_client(address, announce=False) as client:
+        metrics = evaluate(run_uri, s.dataset, client)
+    get_run_logger().info("metrics of %s: %s", Path(run_uri).name, metrics)
+    return metrics
+
+
+@task(cache_policy=NO_CACHE)
+def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """Quality gate: re-evaluate the published model on today's data; publish the new one if not worse."""
+    s = Settings.from_dict(settings)
+    log = get_run_logger()
+    published = read_published(s.models_dir)
+    old_metrics, old_run = None, None
+    if published is not None:
+        old_run = published["run_id"]
+        old_path = s.runs_dir / f"{old_run}.zarr"
+        if old_path.exists():
+            with dask_client(address, announce=False) as client:
+                old_metrics = evaluate(old_path, s.dataset, client)
+        else:
+            old_metrics = published["metrics"]
+    decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance)
+    log.info("publish %s: %s", "yes" if decision.publish else "no", decision.reason)
+    store = RunStore.open(run_uri, mode="r+")
+    store.annotate(metrics=metrics, publish=decision.to_json())
+    if decision.publish:
+        target = publish(s.models_dir, load_model(run_uri), metrics)
+        log.info("published %s", target)
+    return decision.to_json()
+
+
+@task(cache_policy=NO_CACHE)
+def report_task(settings: dict[str, Any], run_uri: str, metrics: dict[str, float],
+                decision: dict[str, Any] | None) -> str:
+    """A markdown artifact (metrics, sampled loss table) and a loss-curve PNG inside the run store."""
+    s = Settings.from_dict(settings)
+    store = RunStore.open(run_uri)
+    run_id = Path(run_uri).name.removesuffix(".zarr")
+    png = loss_curve_png(store, Path(run_uri) / "loss_curve.png")
+    text = markdown(store, run_id, metrics, decision) + f"\n\nLoss curve: `{png}`\n"
+    create_markdown_artifact(key=f"gradpipe-{_slug(s.name)}", markdown=text, description=f"run {run_id}")
+    return str(png)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"

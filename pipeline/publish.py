@@ -1,0 +1,84 @@
+"""Publishing a model behind a quality gate: ``<models_dir>/latest.json`` moves only to a model that is
+not worse than the published one, both judged on the same (current) data."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.store.runs import RunStore
+
+# lower is better for both
+GATE_METRIC = {"linear": "rmse", "logistic": "log_loss"}
+
+
+@dataclass
+class Decision:
+    publish: bool
+    metric: str
+    new: float
+    published: float | None
+    published_run: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[str, float] | None,
+           published_run: str | None, tolerance: float = 0.0) -> Decision:
+    metric = GATE_METRIC[model]
+    new = float(new_metrics[metric])
+    if published_metrics is None:
+        return Decision(True, metric, new, None, None, "no model published yet")
+    old = float(published_metrics[metric])
+    ok = new <= old * (1 + tolerance) + 1e-12 * abs(old)
+    verdict = "not worse than" if ok else "worse than"
+    return Decision(ok, metric, new, old, published_run,
+                    f"{metric} {new:.6g} is {verdict} the published {old:.6g} (run {published_run})")
+
+
+def read_published(models_dir: Path) -> dict[str, Any] | None:
+    path = models_dir / "latest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    os.replace(tmp, path)
+
+
+def publish(models_dir: Path, model_json: dict[str, Any], metrics: dict[str, float]) -> Path:
+    """Write the model as ``latest.json`` (and a copy named after its run), atomically."""
+    payload = {**model_json, "metrics": metrics}
+    write_json_atomic(models_dir / f"{model_json['run_id']}.json", payload)
+    write_json_atomic(models_dir / "latest.json", payload)
+    return models_dir / "latest.json"
+
+
+def latest_completed_run(runs_dir: Path, dataset_uri: str, model: str) -> RunStore | None:
+    """The newest run on ``dataset_uri`` with the same model that ended normally (for warm starts)."""
+    best: tuple[float, RunStore] | None = None
+    if not runs_dir.exists():
+        return None
+    for path in runs_dir.glob("*.zarr"):
+        try:
+            store = RunStore.open(path)
+        except Exception:  # noqa: BLE001 - skip anything that is not a readable run
+            continue
+        attrs = store.attrs
+        if (attrs.get("dataset", {}).get("uri") == dataset_uri and attrs.get("config", {}).get("model") == model
+                and attrs.get("status") in ("converged", "max_iter", "time_budget") and store.committed >= 0):
+            mtime = (path / "zarr.json").stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, store)
+    return None if best is None else best[1]
