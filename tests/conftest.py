@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Prefect must never touch the user's ~/.prefect or phone home; its temporary server takes 15–25 s to
+# start here, beyond its default 20 s timeout. Set before any test module imports prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gradpipe-prefect-")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (real API + SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")

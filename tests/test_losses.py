@@ -232,6 +232,29 @@ def test_deterministic_and_float32_input():
     )
 
 
+@pytest.mark.parametrize("model", ["linear", "logistic"])
+def test_default_blocks_match_pointwise_reference(model):
+    """The buffered fast path (two default-size blocks plus a ragged one) against the per-row definitions
+    in ``MODELS[model].pointwise``, for C-ordered, Fortran-ordered and strided X and an integer y."""
+    d = 3
+    n = 2 * L._sums_block_rows(d) + 17
+    X, y, mean, scale, theta = make_data(model, n=n, d=d, seed=12)
+    A = design(X, mean, scale)
+    lv, r = L.MODELS[model].pointwise(A @ theta, y)
+    ref = np.concatenate([A.T @ r, [lv.sum(), n]])
+    # Blocked sums of n terms in another order (and mean/scale folded into the weights): worst-case
+    # reassociation error n*eps ~ 4e-11 relative to the magnitude bound; 1e-10 still flags any lost row.
+    tol = 1e-10 * magnitude_bound(model, X, y, theta, mean, scale) + 1e-300
+    wide = np.column_stack([X, np.ones(n)])
+    for Xv, yv in [(X, y), (np.asfortranarray(X), y), (wide[:, :d], y)]:
+        got = L.chunk_sums(model, Xv, yv, theta, mean, scale)
+        assert np.all(np.abs(got - ref) <= tol)
+        np.testing.assert_array_equal(got, L.chunk_sums(model, Xv, yv, theta, mean, scale))
+    if model == "logistic":  # 0/1 as int64 is upcast exactly: same bits as the float64 target
+        np.testing.assert_array_equal(L.chunk_sums(model, X, y.astype(np.int64), theta, mean, scale),
+                                      L.chunk_sums(model, X, y, theta, mean, scale))
+
+
 def test_empty_chunk_returns_zeros():
     X = np.zeros((0, 3))
     out = L.chunk_sums("linear", X, np.zeros(0), np.ones(4), np.ones(3), np.full(3, 2.0))

@@ -1,0 +1,61 @@
+"""The embedded cluster's Dask dashboard: on 127.0.0.1, announced, live during training (HTTP and websocket)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+from pipeline.cluster import dask_client
+from pipeline.config import TrainConfig
+from pipeline.ingest import ingest
+from pipeline.store.runs import RunStore
+from pipeline.train import train
+from tests.conftest import make_xy, write_csv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_is_live_during_training(tmp_path, capsys):
+    write_csv(tmp_path / "a.csv", *make_xy(4000, 3))
+    port = free_port()
+    with dask_client(workers=2, dashboard_port=port) as client:
+        assert f"dashboard http://127.0.0.1:{port}/status" in capsys.readouterr().err
+        ingest([str(tmp_path / "a.csv")], tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
+        cfg = TrainConfig(solver="momentum", max_iter=10**6, tol=0, gtol=0, time_budget=8)
+        worker = threading.Thread(target=train, args=(tmp_path / "ds.zarr", cfg),
+                                  kwargs={"client": client, "runs_dir": tmp_path / "runs", "run_id": "dash"})
+        worker.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "runs" / "dash.zarr").exists() or RunStore.open(
+                    tmp_path / "runs" / "dash.zarr").committed < 3:
+                assert time.monotonic() < deadline and worker.is_alive(), "training did not start"
+                time.sleep(0.05)
+            base = f"http://127.0.0.1:{port}"
+            for page in ("/status", "/individual-task-stream"):
+                with urllib.request.urlopen(base + page, timeout=30) as resp:
+                    body = resp.read()
+                assert resp.status == 200 and b"bokeh" in body.lower(), page
+            from bokeh.client import pull_session
+
+            with pull_session(url=base + "/individual-task-stream") as session:  # the websocket, not just HTML
+                assert len(session.document.roots) > 0
+            assert worker.is_alive()  # all of the above happened while training ran
+        finally:
+            worker.join(timeout=120)
+    assert RunStore.open(tmp_path / "runs" / "dash.zarr").attrs["status"] == "time_budget"
+
+
+def test_dashboard_binds_loopback_only():
+    port = free_port()
+    with dask_client(workers=1, dashboard_port=port, announce=False) as client:
+        assert client.dashboard_link.startswith("http://127.0.0.1:")
+        addrs = {c.laddr.ip for c in __import__("psutil").net_connections("tcp")
+                 if c.status == "LISTEN" and c.laddr.port == port}
+        assert addrs == {"127.0.0.1"}
