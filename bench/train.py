@@ -11,15 +11,15 @@ ingest default of 64 MiB row chunks unless ``--chunk-mb``); one LocalCluster of 
 1 thread, latency-tuned (``tune_latency``) for every method; all data persisted in worker memory (the
 floor holds it in the driver). Measured per size:
 
-1. ``gradpipe gd``: ``pipeline.train.train`` with ``TrainConfig(max_iter=--iters, gtol=0, tol=0)``:
+1. ``gradpipe gd``: ``pipeline.training.train`` with ``TrainConfig(max_iter=--iters, gtol=0, tol=0)``:
    the median wall time between consecutive iterations (one pass + solver + checkpoint), FitResult's
    ``seconds_per_iter`` (which also amortises the start: the Lipschitz pass and θ₀'s pass), passes per
    iteration and the checkpoint share; plus ``gradpipe engine pass``: one ``ChunkEngine.map_reduce`` of
    the gradient kernel alone (no solver, no checkpoint), with the workers' BLAS at 1 thread (their
    default under a nanny) and at 2 threads.
 2. NumPy floor: ``r = X @ θ - y; g = X.T @ r`` in the driver with BLAS limited to 1 and to 2 threads.
-3. dask-ml ``LinearRegression(solver='gradient_descent')``: per iteration = (time of a fit with ``k2``
-   iterations − time with ``k1``) / (k2 − k1), iterations counted by wrapping dask-glm's line search.
+3. dask-ml ``LinearRegression(solver='gradient_descent')``: the median wall time between consecutive
+   iterations of ``min(--repeats, 3)`` fits of ``--dask-ml-iters`` iterations (see ``bench_dask_ml``).
 4. naive dask: ``(X.T @ (X @ θ - y)).compute()`` on the persisted dask arrays (same chunks).
 5. Scheduler overhead: ``map_reduce`` of the gradient kernel on 6,400 × 20 rows in 64 chunks (and the
    naive dask expression on the same tiny array), where compute is negligible.
@@ -64,9 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MiB of X per row chunk (default 64, the ingest default; --quick 4)")
     p.add_argument("--tiny-rows", type=int, default=6400, help="rows of the scheduler-overhead data")
     p.add_argument("--tiny-chunks", type=int, default=64, help="chunks of the scheduler-overhead data")
-    p.add_argument("--dask-ml-iters", type=int, nargs=2, metavar=("K1", "K2"),
-                   help="dask-ml fits with K1 and K2 max_iter; per iteration from the difference "
-                        "(default 1 4; --quick 1 3)")
+    p.add_argument("--dask-ml-iters", type=int,
+                   help="max_iter of each dask-ml fit (default 4; --quick 3); min(repeats, 3) fits")
     p.add_argument("--no-dask-ml", action="store_true", help="skip dask-ml (reported as n/a)")
     p.add_argument("--workdir", help="where to put the data (default: a new temp dir)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -77,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.iters = args.iters or (5 if args.quick else 30)
     args.chunk_mb = args.chunk_mb or (4.0 if args.quick else 64.0)
-    args.dask_ml_iters = args.dask_ml_iters or ([1, 3] if args.quick else [1, 4])
-    if args.dask_ml_iters[1] <= args.dask_ml_iters[0]:
-        p.error("--dask-ml-iters: K2 must be larger than K1")
+    args.dask_ml_iters = args.dask_ml_iters or (3 if args.quick else 4)
+    if args.dask_ml_iters < 2:
+        p.error("--dask-ml-iters must be at least 2")
     return args
 
 
@@ -151,7 +150,7 @@ def naive_dask(X, y, theta):
 
 
 def engine_pass(engine, theta, mean, scale):
-    from pipeline.train import _sums
+    from pipeline.training import _sums
 
     def step():
         return engine.map_reduce(_sums, "linear", theta, mean, scale)
@@ -162,7 +161,7 @@ def engine_pass(engine, theta, mean, scale):
 def bench_train(store: Path, client, runs_dir: Path, iters: int) -> dict:
     """One training run; per-iteration times from the wall clock between consecutive iterations."""
     from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.training import train
 
     stamps: list[float] = []
     passes: list[float] = []
@@ -182,32 +181,35 @@ def bench_train(store: Path, client, runs_dir: Path, iters: int) -> dict:
             "checkpoint_pct": 100.0 * res.checkpoint_seconds / res.seconds, "loss": res.loss}
 
 
-def bench_dask_ml(X, y, k1: int, k2: int) -> dict:
-    """Per-iteration seconds of dask-ml's gradient descent, from two fits that differ only in max_iter."""
+def bench_dask_ml(X, y, iters: int) -> dict:
+    """dask-ml's gradient descent: per-iteration seconds between consecutive iterations of one fit.
+
+    dask-glm's ``gradient_descent`` calls its line search ``compute_stepsize_dask`` once per iteration, so
+    the wall time between consecutive calls is one whole iteration (gradient, line search, persist,
+    compute), like gradpipe's number; the fit's set-up (the normalisation pass, the intercept column) is
+    not charged to any iteration.
+    """
     import dask_glm.algorithms as algos
     from dask_ml.linear_model import LinearRegression
 
-    calls = {"n": 0}
+    stamps: list[float] = []
     original = algos.compute_stepsize_dask
 
-    def counting(*a, **k):
-        calls["n"] += 1
+    def stamped(*a, **k):
+        stamps.append(time.perf_counter())
         return original(*a, **k)
 
-    algos.compute_stepsize_dask = counting  # gradient_descent looks it up as a module global
+    algos.compute_stepsize_dask = stamped  # gradient_descent looks it up as a module global
     try:
-        fits = []
-        for k in (k1, k2):
-            calls["n"] = 0
-            t0 = time.perf_counter()
-            LinearRegression(solver="gradient_descent", max_iter=k, tol=0.0).fit(X, y)
-            fits.append((time.perf_counter() - t0, calls["n"]))
+        t0 = time.perf_counter()
+        LinearRegression(solver="gradient_descent", max_iter=iters, tol=0.0).fit(X, y)
+        seconds = time.perf_counter() - t0
     finally:
         algos.compute_stepsize_dask = original
-    (t1, n1), (t2, n2) = fits
-    if n2 <= n1:
-        raise RuntimeError(f"dask-ml stopped early ({n1} and {n2} iterations)")
-    return {"seconds_per_iter": (t2 - t1) / (n2 - n1), "fits": fits}
+    if len(stamps) < 2:
+        raise RuntimeError(f"dask-ml stopped after {len(stamps)} iteration(s)")
+    return {"iter_seconds": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "fit_seconds": seconds,
+            "n_iter": len(stamps)}
 
 
 def dask_ml_status() -> str | None:
@@ -299,9 +301,9 @@ def bench_passes(store: Path, client, args: argparse.Namespace, dask_ml_error: s
             client.run(_set_blas_threads, 1)
         if dask_ml_error is None:
             try:
-                runs = [bench_dask_ml(Xd, yd, *args.dask_ml_iters) for _ in range(min(args.repeats, 3))]
-                times["dask-ml"] = [r["seconds_per_iter"] for r in runs]
-                out["dask_ml_fits"] = [r["fits"] for r in runs]
+                runs = [bench_dask_ml(Xd, yd, args.dask_ml_iters) for _ in range(min(args.repeats, 3))]
+                times["dask-ml"] = [t for r in runs for t in r["iter_seconds"]]
+                out["dask_ml_fits"] = [{k: r[k] for k in ("fit_seconds", "n_iter")} for r in runs]
             except Exception as exc:  # noqa: BLE001 - a baseline failing is a result, not a crash
                 out["dask_ml_error"] = f"{type(exc).__name__}: {exc}"[:120]
         else:
@@ -332,6 +334,7 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     runs_dir = work / "runs"
     sizes, made = [], []
+    args.load_before = os.getloadavg()  # the machine may be shared: record how busy it was
     dask_ml_error = "skipped (--no-dask-ml)" if args.no_dask_ml else dask_ml_status()
     try:
         with dask_client(workers=args.workers, announce=False) as client:
@@ -357,6 +360,7 @@ def run(args: argparse.Namespace) -> dict:
             shutil.rmtree(runs_dir, ignore_errors=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
+    args.load_after = os.getloadavg()
     return summarize(args, overhead, sizes, dask_ml_error)
 
 
@@ -401,7 +405,8 @@ def summarize(args: argparse.Namespace, overhead: dict, sizes: list[dict], dask_
                                                  "tiny_rows", "tiny_chunks", "dask_ml_iters", "quick")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "numpy": np.__version__, "dask": dask.__version__,
-                    "dask_ml": dask_ml_version},
+                    "dask_ml": dask_ml_version, "loadavg_before": args.load_before,
+                    "loadavg_after": args.load_after},
         "dask_ml_error": dask_ml_error,
         "overhead": overhead,
         "sizes": sizes,
@@ -412,7 +417,8 @@ def summarize(args: argparse.Namespace, overhead: dict, sizes: list[dict], dask_
 def print_table(res: dict) -> None:
     c, sizes = res["config"], res["sizes"]
     print(f"\ntrain: {c['features']} features float64, persisted; {c['workers']} workers × 1 thread; "
-          f"chunks of {c['chunk_mb']:g} MiB; median of {c['repeats']} repeats")
+          f"chunks of {c['chunk_mb']:g} MiB; median of {c['repeats']} repeats; load average "
+          f"{res['machine']['loadavg_before'][0]:.1f} → {res['machine']['loadavg_after'][0]:.1f}")
     head = f"{'method':<38}" + "".join(f" {fmt_rows(s['rows']) + ' ms/iter':>14} {'× floor':>8}" for s in sizes)
     print(head)
     print("-" * len(head))

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from flows.tasks import evaluate_task, ingest_task, publish_task, report_task, train_task, warm_start_task
 from pipeline.cluster import cluster_address
 from pipeline.settings import Settings, load
-from pipeline.train import new_run_id
+from pipeline.training import new_run_id
 
 
 def _settings(settings: dict[str, Any] | None) -> Settings:

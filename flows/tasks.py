@@ -26,7 +26,7 @@ from pipeline.report import loss_curve_png, markdown
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
 from pipeline.store.runs import RunStore
-from pipeline.train import resume, train
+from pipeline.training import resume, train
 
 # Called as hook(attempt, iteration, record) after every training iteration: monitoring, or fault
 # injection in tests (an exception fails the attempt; the retry resumes from the committed iteration).

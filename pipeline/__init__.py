@@ -1,6 +1,7 @@
 """gradpipe: distributed gradient descent for linear models over chunked Zarr data on Dask.
 
 Imports are lazy so that ``import pipeline.losses`` stays NumPy-only and nothing here imports Prefect.
+``pipeline.train(dataset, config)`` trains; the ingest function is ``pipeline.ingest.ingest``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "open_dataset": "pipeline.store.dataset",
     "read_info": "pipeline.store.dataset",
-    "ingest": "pipeline.ingest",
+    "train": "pipeline.training",
+    "resume": "pipeline.training",
+    "FitResult": "pipeline.training",
+    "TrainConfig": "pipeline.config",
     "GradpipeError": "pipeline.errors",
     "load_model": "pipeline.evaluate",
     "predict_file": "pipeline.predict",

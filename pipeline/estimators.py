@@ -1,7 +1,7 @@
 """scikit-learn style estimators over the distributed trainer: ``fit`` → dataset store → ``train``.
 
 ``fit`` writes X, y (NumPy, or Dask arrays written block by block on the workers) into a dataset store,
-then runs :func:`pipeline.train.train` on it, so the estimator is exactly the CLI's model: same objective
+then runs :func:`pipeline.training.train` on it, so the estimator is exactly the CLI's model: same objective
 (mean loss + (λ/2)‖w‖² on original-scale weights, intercept unpenalized), same solvers, a run store per fit.
 Without ``runs_dir`` both stores live in a temporary directory removed after ``fit``; with it, the run and
 its dataset (``runs_dir/datasets/<run_id>.zarr``) are kept, so ``gradpipe runs``/``evaluate`` can use them.
@@ -165,7 +165,7 @@ class _GradpipeModel(BaseEstimator):
         return self._fit(X, y, config, self.client)
 
     def _fit(self, X, y, config, client):
-        from pipeline.train import train
+        from pipeline.training import train
 
         run_id = f"{type(self).__name__.lower()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         tmp = Path(tempfile.mkdtemp(prefix="gradpipe-fit-")) if self.runs_dir is None else None

@@ -108,13 +108,14 @@ def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         try:
             col = pc.cast(col, pa.float64())
-        except pa.ArrowInvalid:
+        except pa.ArrowInvalid as exc:
             for i, v in enumerate(col.to_pylist()):
                 try:
                     float(v)
                 except (TypeError, ValueError):
                     raise GradpipeError(f"{path}: row {row0 + i + 1}, column {name!r}: {v!r} is not a number.") \
                         from None
+            raise GradpipeError(f"{path}: column {name!r} (rows from {row0 + 1}) is not numeric ({exc}).") from None
     elif not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
               or pa.types.is_boolean(t) or pa.types.is_null(t)):
         raise GradpipeError(f"{path}: column {name!r} has type {t}, not a number.")
@@ -127,7 +128,7 @@ def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
     return values
 
 
-def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[str, Any]:  # noqa: A002
+def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[str, Any]:
     """Write ``input``'s columns plus ``prediction`` (logistic: P(y=1), and ``label`` 0/1) to ``out``.
 
     Any ``prediction``/``label`` columns already in the input are replaced. Label 1 iff z > 0 (p > 0.5),

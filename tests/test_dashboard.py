@@ -11,7 +11,7 @@ from pipeline.cluster import dask_client
 from pipeline.config import TrainConfig
 from pipeline.ingest import ingest
 from pipeline.store.runs import RunStore
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import make_xy, write_csv
 
 

@@ -22,7 +22,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import GradpipeError
 from pipeline.evaluate import auc_from_histograms, evaluate, load_model
 from pipeline.ingest import ingest
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import make_xy, write_csv
 
 

@@ -22,7 +22,7 @@ import pipeline.predict as predict_mod
 from pipeline.cli import main
 from pipeline.config import TrainConfig
 from pipeline.ingest import ingest
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import make_xy, write_csv
 
 

@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.config import TrainConfig
 from pipeline.ingest import ingest
 from pipeline.store.runs import RunStore
-from pipeline.train import resume, train
+from pipeline.training import resume, train
 from tests.conftest import make_xy, write_csv
 
 # Everything but wall-clock time must repeat exactly.

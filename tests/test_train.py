@@ -8,7 +8,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import TrainConfig
 from pipeline.ingest import ingest
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import make_xy, write_csv
 
 N, D = 6000, 5

@@ -9,7 +9,7 @@ import traceback
 
 from pipeline.errors import GradpipeError
 
-COMMANDS = ["make_data", "ingest", "train", "evaluate", "predict", "export", "runs", "run"]
+COMMANDS = ["make_data", "ingest", "train", "evaluate", "predict", "export", "runs", "run", "stack"]
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -37,24 +37,8 @@ def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Pat
 
 
 def started_at(path: Path, attrs: dict[str, Any]) -> float:
-    """When a run started (epoch seconds).
-
-    Run stores carry no start time, so this uses an ``started`` attr when a store has one, else the mtime of
-    row 0 of ``loss`` (written once, right after the start point is evaluated, never rewritten), else the
-    store directory's mtime.
-    """
-    started = attrs.get("started")
-    if isinstance(started, (int, float)):
-        return float(started)
-    if isinstance(started, str):
-        try:
-            return time.mktime(time.strptime(started[:19], "%Y-%m-%dT%H:%M:%S"))
-        except ValueError:
-            pass
-    for candidate in (path / "loss" / "c" / "0", path / "loss" / "c.0", path / "loss" / "0"):
-        if candidate.exists():
-            return candidate.stat().st_mtime
-    return path.stat().st_mtime
+    """When a run started (epoch seconds, from the run's ``started`` attr)."""
+    return float(attrs["started"])
 
 
 def fmt_time(epoch: float) -> str:

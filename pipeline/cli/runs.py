@@ -121,7 +121,8 @@ def run_show(args: argparse.Namespace) -> int:
           f"l2 {config.get('l2')}  max_iter {config.get('max_iter')}  standardize {config.get('standardize')}")
     print(f"  dataset    {meta.get('uri')}  ({meta.get('n_rows')} rows, target {meta.get('target')!r}, "
           f"fingerprint {meta.get('fingerprint')})")
-    print(f"  iterations {info['n_iter']}  final loss {info['loss']}")
+    loss = "-" if info["loss"] is None else f"{info['loss']:.12g}"
+    print(f"  iterations {info['n_iter']}  final loss {loss}")
     if coef is not None:
         print(f"  intercept  {intercept:.10g}")
         for name, c in zip(meta.get("feature_names", []), coef, strict=False):

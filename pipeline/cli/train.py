@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
     from pipeline.store.dataset import read_info
-    from pipeline.train import resume, train
+    from pipeline.training import resume, train
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")

@@ -139,7 +139,7 @@ def is_dataset(path: Path) -> bool:
 
 def read_info(path: str | Path) -> DatasetInfo:
     """Read a dataset's metadata, or raise a GradpipeError saying why ``path`` is not one."""
-    path = str(path)
+    path = str(path) if "://" in str(path) else str(Path(path).absolute())
     if "://" not in path and not Path(path).exists():
         raise GradpipeError(f"dataset {path} does not exist (create it with `gradpipe ingest`).")
     try:

@@ -10,8 +10,9 @@ Layout (a Zarr v3 group ``<runs_dir>/<run_id>.zarr``; README "Run store" says wh
   ``passes`` (T,): cumulative passes over the data.
 - ``state/<name>`` (T, …): optimizer state after iteration t (momentum, Adam moments).
 - attrs: ``gradpipe`` (kind, format), ``config``, ``dataset`` (uri, fingerprint, feature names, mean,
-  scale), ``committed`` (last complete row, written AFTER that row's data), ``resume`` (small solver state
-  for row ``committed``: step size, RNG state, counters), ``status``, ``message``, ``version``.
+  scale), ``started`` (epoch seconds), ``committed`` (last complete row, written AFTER that row's data),
+  ``resume`` (small solver state for row ``committed``: step size, counters), ``status``, ``message``,
+  ``version``, and what the pipeline adds (``metrics``, ``publish``, ``warm_start``).
 
 One chunk per row: an iteration's write touches only new files, then one atomic rewrite of the group's
 attrs commits it. A crash between the two leaves a row that ``committed`` does not count yet.
@@ -20,6 +21,7 @@ attrs commits it. A crash between the two leaves a row that ``committed`` does n
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,8 @@ class RunStore:
                                dtype="float64", fill_value=np.nan, compressors=None)
         group.attrs.put({"gradpipe": {"kind": "run", "format_version": FORMAT_VERSION}, "config": config,
                          "dataset": dataset, "committed": -1, "resume": {}, "status": "running",
-                         "message": "", "version": version})
+                         "message": "", "version": version,
+                         "started": time.time()})
         return cls(group, path)
 
     @classmethod
