@@ -24,8 +24,7 @@ DEMO_RAW := data/raw/demo
 demo: $(STAMP_RUN)
 	test -f $(DEMO_RAW)/truth.json || $(BIN)/gradpipe make-data --kind linear --rows 1000000 --features 20 \
 		--files 8 --format csv --out $(DEMO_RAW)
-	$(BIN)/gradpipe ingest $(DEMO_RAW) --target y --dataset data/datasets/demo.zarr
-	$(BIN)/gradpipe train --dataset data/datasets/demo.zarr
+	$(BIN)/gradpipe run
 
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check .

@@ -1,0 +1,48 @@
+"""Settings precedence (flags > env > TOML > defaults), absolute paths, and clear errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import GradpipeError
+from pipeline.settings import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('name = "file"\nraw = "in/*.csv"\n[train]\nmax_iter = 3\nsolver = "adam"\n')
+    s = load(cfg, environ={})
+    assert (s.name, s.train.max_iter, s.train.solver) == ("file", 3, "adam")
+    assert s.raw == [str(tmp_path / "in/*.csv")] and s.data_dir == str(tmp_path / "data")
+    s = load(cfg, environ={"GRADPIPE_NAME": "env", "GRADPIPE_TRAIN_MAX_ITER": "9", "DASK_SCHEDULER_ADDRESS": "tcp://x:1"})
+    assert (s.name, s.train.max_iter, s.scheduler) == ("env", 9, "tcp://x:1")
+    s = load(cfg, {"name": "flag", "max_iter": 11}, environ={"GRADPIPE_NAME": "env"})
+    assert (s.name, s.train.max_iter) == ("flag", 11)
+    assert s.dataset == tmp_path / "data" / "datasets" / "flag.zarr"
+
+
+def test_example_file_loads():
+    s = load(REPO / "gradpipe.example.toml", environ={})
+    assert s.name == "demo" and s.train.model == "linear"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('nmae = "x"\n', "unknown setting(s) ['nmae']"),
+    ('[train]\nsolver = "newton"\n', "--solver: unknown solver 'newton'"),
+    ('name = \n', "s.toml"),
+])
+def test_bad_settings_are_named(tmp_path, text, message):
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(GradpipeError, match=re.escape(message)):
+        load(tmp_path / "s.toml", environ={})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(GradpipeError, match="does not exist"):
+        load(tmp_path / "nope.toml", environ={})
