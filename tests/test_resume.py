@@ -146,3 +146,10 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_theta(dat
     store = RunStore.open(tmp_path / "div.zarr")
     assert store.attrs["status"] == "diverged"
     assert np.all(np.isfinite(store.column("loss"))) and np.all(np.isfinite(store.column("theta")))
+
+
+def test_streaming_from_zarr_equals_persisted_chunks(dataset, client, tmp_path):
+    cfg = dict(solver="gd", max_iter=10, tol=0, gtol=0, standardize=False)
+    train(dataset, TrainConfig(persist="yes", **cfg), client=client, runs_dir=tmp_path, run_id="mem")
+    train(dataset, TrainConfig(persist="no", **cfg), client=client, runs_dir=tmp_path, run_id="stream")
+    assert_same(history(tmp_path, "mem"), history(tmp_path, "stream"))
