@@ -69,10 +69,11 @@ def test_two_runs_with_the_same_seed_are_identical(solver, dataset, client, tmp_
     assert_same(history(tmp_path, "a"), history(tmp_path, "b"))
 
 
-def wait_for_commit(path, at_least: int, proc, deadline_s: float = 120) -> int:
+def wait_for_commit(path, at_least: int, alive, deadline_s: float = 120) -> int:
+    """Wait until the run at ``path`` committed ``at_least`` iterations; ``alive()`` says training still runs."""
     deadline = time.monotonic() + deadline_s
     while True:
-        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert alive(), "training ended before it could be interrupted"
         assert time.monotonic() < deadline, f"iteration {at_least} not committed within {deadline_s} s"
         try:
             committed = json.loads((path / "zarr.json").read_text())["attributes"]["committed"]
@@ -92,7 +93,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, dataset, client
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
                              "cut", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--quiet", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_commit(tmp_path / "cut.zarr", kill_at, proc)
+    wait_for_commit(tmp_path / "cut.zarr", kill_at, lambda: proc.poll() is None)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     store = RunStore.open(tmp_path / "cut.zarr")
@@ -107,7 +108,7 @@ def test_sigint_stops_cleanly_and_prints_the_resume_command(dataset, scheduler, 
                              "int", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--solver",
                              "momentum", "--max-iter", "100000", "--tol", "0", "--gtol", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_commit(tmp_path / "int.zarr", 5, proc)
+    wait_for_commit(tmp_path / "int.zarr", 5, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -153,3 +154,25 @@ def test_streaming_from_zarr_equals_persisted_chunks(dataset, client, tmp_path):
     train(dataset, TrainConfig(persist="yes", **cfg), client=client, runs_dir=tmp_path, run_id="mem")
     train(dataset, TrainConfig(persist="no", **cfg), client=client, runs_dir=tmp_path, run_id="stream")
     assert_same(history(tmp_path, "mem"), history(tmp_path, "stream"))
+
+
+def test_a_worker_dying_mid_run_changes_nothing(dataset, client, tmp_path):
+    import threading
+
+    cfg = TrainConfig(solver="momentum", max_iter=60, tol=0, gtol=0)
+    train(dataset, cfg, client=client, runs_dir=tmp_path, run_id="calm")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
+        runner = threading.Thread(target=train, args=(dataset, cfg),
+                                  kwargs={"client": c, "runs_dir": tmp_path, "run_id": "storm"})
+        runner.start()
+        at = wait_for_commit(tmp_path / "storm.zarr", 10, runner.is_alive)
+        victim = sorted(c.scheduler_info()["workers"])[0]
+        pid = c.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)  # the worker process dies with its chunks; they are recomputed elsewhere
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+        assert at < 60 and victim not in c.scheduler_info()["workers"]  # it died mid-run, for real
+    store = RunStore.open(tmp_path / "storm.zarr")
+    assert store.attrs["status"] == "max_iter"
+    assert_same(history(tmp_path, "calm"), history(tmp_path, "storm"))
