@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 Pointwise = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-DEFAULT_BLOCK_ROWS = 8192  # chunk_gram / predict / metrics
-SUMS_BLOCK_BYTES = 2**21  # chunk_sums: X per block (see _sums_block_rows)
+DEFAULT_BLOCK_ROWS = 8192  # chunk_predict / chunk_metrics
+SUMS_BLOCK_BYTES = 2**21  # chunk_sums / chunk_gram: X per block (see _sums_block_rows)
 MIN_BLOCK_ROWS = 128
 
 
@@ -185,7 +185,7 @@ def _logistic_residual(z: np.ndarray, y: np.ndarray, b: float, acc: np.ndarray, 
     t2 += z
     acc[1] += t2.sum()
     np.add(t1, 1.0, out=z)  # 1 + e
-    np.maximum(t1, pos, out=t2)  # expit's numerator: 1 where z >= 0 (e <= 1 there), else e; no NaN masking
+    np.maximum(t1, pos, out=t2)  # expit's numerator: 1 where z >= 0 (e <= 1 there), else e (NaN stays NaN)
     t2 /= z
     t2 -= y
     acc[0] += t2.sum()
@@ -212,7 +212,9 @@ def chunk_sums(
     X is read from memory once: per row block, ``z = X_b @ w`` (BLAS), the residual ``r`` and the loss in
     preallocated buffers, then ``X_b^T r`` while the block is still in cache. ``block_rows`` (default: about
     ``SUMS_BLOCK_BYTES`` of X per block) only changes the summation order, i.e. rounding; the result is a
-    deterministic function of the inputs and ``block_rows``.
+    deterministic function of the inputs and ``block_rows`` for a given BLAS and BLAS thread count (OpenBLAS
+    splits its dot/gemv sums differently with more threads: run kernels with 1 BLAS thread, as Dask's nanny
+    sets for its workers, for bit-identical results everywhere).
     """
     _get_model(model)
     X, y = _check_X(X, y)
@@ -261,23 +263,38 @@ def chunk_gram(
     X: np.ndarray,
     mean: np.ndarray | None = None,
     scale: np.ndarray | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
 ) -> np.ndarray:
     """``sum_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the Lipschitz constant.
 
-    Each block is standardized on its own (not via ``X^T X - n mean mean^T``) to avoid
-    catastrophic cancellation when |mean| >> scale.
+    Each block is centred on its own (not via ``X^T X - n mean mean^T``) to avoid catastrophic
+    cancellation when |mean| >> scale; the scaling is applied once at the end
+    (``C_jk / (scale_j scale_k)``), which is only a multiplicative rounding and keeps ``g`` exactly
+    symmetric. ``block_rows`` defaults to about ``SUMS_BLOCK_BYTES`` of X per block.
     """
     X, _ = _check_X(X)
-    d = X.shape[1]
+    n, d = X.shape
     m, s = _check_scaling(d, mean, scale)
-    g = np.zeros((d + 1, d + 1))
-    for _, Xb in _blocks(X, block_rows):
-        Zb = (Xb - m) / s
-        g[:d, :d] += Zb.T @ Zb
-        g[:d, d] += Zb.sum(axis=0)
+    if block_rows is None:
+        block_rows = _sums_block_rows(d)
+    elif block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    rows = min(block_rows, n)
+    buf = np.empty((rows, d))
+    ones = np.ones(rows)
+    cross = np.zeros((d, d))
+    colsum = np.zeros(d)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        Cb = buf[: stop - start]
+        np.subtract(X[start:stop], m, out=Cb)  # also upcasts a float32 chunk, one block at a time
+        cross += Cb.T @ Cb
+        colsum += ones[: stop - start] @ Cb
+    g = np.empty((d + 1, d + 1))
+    g[:d, :d] = cross / np.outer(s, s)
+    g[:d, d] = colsum / s
     g[d, :d] = g[:d, d]
-    g[d, d] = X.shape[0]
+    g[d, d] = n
     return g
 
 
