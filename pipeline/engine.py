@@ -1,32 +1,40 @@
 """The per-iteration work on the cluster: map a chunk kernel over co-located (X, y) chunks, tree-reduce.
 
-Design (DESIGN.md §3), with one departure measured on this 2-core machine: a Dask task costs ~1 ms of
-scheduler and worker time, so one task *per chunk* per iteration (64 chunks → ~70 ms) cannot meet a 10 ms
-per-iteration budget. Instead each worker gets ONE task per iteration that runs the kernel over all the
-chunks it holds. The reduction is still a fixed-shape tree over chunk indices (fan-in ``fan_in``, like
-Spark's ``treeAggregate``): each worker sums the complete sub-trees it owns, the driver sums the rest, in a
-fixed left-to-right order. Where an addition happens never changes its operands or order, so results are
-bitwise identical on 1, 2 or 8 workers, after a worker dies, and after a resume.
+Design (DESIGN.md §3), with departures measured on this 2-core machine:
 
-Chunks are loaded once, X and y of a chunk by the same task (so they live on the same worker), contiguous
-chunk ranges per worker. When the data does not fit in the cluster's memory the chunks are streamed from
-Zarr by the same per-worker tasks instead, one chunk in memory at a time.
+- **One task per worker per iteration.** A Dask task costs ~1 ms of scheduler and worker time, so one task
+  per chunk (64 chunks → ~70–90 ms per iteration) cannot meet a 10 ms budget. Each worker gets ONE task that
+  runs the kernel over all the leaves it holds.
+- **Fixed reduction tree.** The leaves are row ranges fixed by the dataset (each stored chunk split into
+  parts of at most ``LEAF_BYTES``, so small datasets still spread evenly over workers). Their results are
+  summed by a fixed-shape tree (fan-in ``fan_in``, like Spark's ``treeAggregate``): each worker sums the
+  complete sub-trees it owns, the driver the rest, always in the same order. Where an addition happens
+  never changes its operands or order: results are bitwise identical on 1, 2 or 8 workers, after a worker
+  dies, and after a resume.
+- **Co-located, persisted, no dependencies per iteration.** X and y of a leaf are loaded by one task, so they
+  live on one worker, which keeps them for the run (Dask owns that memory: it is freed when the driver goes
+  away). Iteration tasks name the leaves by key and read them from the worker's memory instead of listing
+  them as dependencies, which would cost the scheduler a dependency per leaf per iteration. A leaf that is
+  not there (its worker died, or it was never persisted) is read from Zarr: results are the same.
+- **Streaming.** When the data does not fit (``persist='no'``, or ``auto`` above half the workers' memory),
+  each pass reads the leaves from Zarr, one in memory per worker at a time.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from distributed import Client, Future, wait
+from distributed import Client, Future, get_worker, wait
 
-Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, chunk position)
+Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, leaf position)
 Kernel = Callable[..., np.ndarray]  # kernel(X, y, *args) -> array of sums
 PERSIST_FRACTION = 0.5  # persist when the data takes at most this share of the workers' memory
+LEAF_BYTES = 16 * 2**20  # at most this much X per leaf: ≥ 4 leaves per 64 MiB chunk, for balance
 
 
 def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int) -> dict[Node, np.ndarray]:
@@ -50,98 +58,96 @@ def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int) -> di
     return nodes
 
 
-def _load_store_chunk(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def _load(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     group = zarr.open_group(path, mode="r")
     return group["X"][start:stop], group["y"][start:stop]
 
 
-def _pair(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(X), np.asarray(y)
+def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The persisted leaf from this worker's memory when it is here, else straight from Zarr."""
+    if key is not None:
+        try:
+            return get_worker().data[key]
+        except (KeyError, ValueError):
+            pass
+    return _load(path, start, stop)
 
 
-def _run_group(kernel: Kernel, args: tuple, positions: list[int], n_leaves: int, fan_in: int,
-               *chunks: tuple[np.ndarray, np.ndarray]) -> dict[Node, np.ndarray]:
-    leaves = {(0, p): kernel(X, y, *args) for p, (X, y) in zip(positions, chunks, strict=True)}
+def _run_group(kernel: Kernel, args: tuple, leaf_ids: list[int], n_leaves: int, fan_in: int, path: str,
+               ranges: list[tuple[int, int]], keys: list[str | None]) -> dict[Node, np.ndarray]:
+    leaves = {(0, i): kernel(*_leaf(path, a, b, k), *args) for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True)}
     return reduce_tree(leaves, n_leaves, fan_in)
 
 
-def _run_group_streamed(kernel: Kernel, args: tuple, positions: list[int], n_leaves: int, fan_in: int,
-                        path: str, ranges: list[tuple[int, int]]) -> dict[Node, np.ndarray]:
-    leaves = {}
-    for p, (start, stop) in zip(positions, ranges, strict=True):
-        X, y = _load_store_chunk(path, start, stop)  # one chunk in memory at a time
-        leaves[(0, p)] = kernel(X, y, *args)
-    return reduce_tree(leaves, n_leaves, fan_in)
+def _single_blas_thread() -> None:
+    """Dask's nanny already sets OPENBLAS/OMP threads to 1; workers started otherwise get it here (two BLAS
+    threads per worker measured 3–19× slower, and thread count changes the bits of BLAS sums)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
 
 
 @dataclass
 class ChunkLayout:
-    """Row ranges of the chunks: fixed by the data, never by the cluster."""
+    """Row ranges of the leaves: fixed by the data, never by the cluster."""
 
     bounds: list[tuple[int, int]]
 
     @classmethod
-    def regular(cls, n_rows: int, chunk_rows: int) -> ChunkLayout:
-        return cls([(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)])
-
-    @classmethod
-    def from_chunks(cls, row_chunks: tuple[int, ...]) -> ChunkLayout:
-        edges = [0, *itertools.accumulate(row_chunks)]
-        return cls(list(itertools.pairwise(edges)))
+    def regular(cls, n_rows: int, chunk_rows: int, n_features: int = 1, itemsize: int = 8,
+                leaf_bytes: int = LEAF_BYTES) -> ChunkLayout:
+        """Stored chunks of ``chunk_rows``, each split into equal parts of at most ``leaf_bytes`` of X."""
+        parts = max(1, math.ceil(chunk_rows * n_features * itemsize / leaf_bytes))
+        bounds = []
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            edges = np.linspace(start, stop, min(parts, stop - start) + 1).round().astype(int)
+            bounds += [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        return cls(bounds)
 
     def __len__(self) -> int:
         return len(self.bounds)
 
 
 class ChunkEngine:
-    """Chunks of one dataset on the cluster and the map-reduce every solver step is made of."""
+    """Leaves of one dataset store on the cluster, and the map-reduce every solver step is made of."""
 
-    def __init__(self, client: Client, *, layout: ChunkLayout, n_features: int, itemsize: int,
-                 store: str | None = None, arrays: tuple[Any, Any] | None = None, persist: str = "auto",
-                 fan_in: int = 8):
+    def __init__(self, client: Client, *, store: str, n_rows: int, chunk_rows: int, n_features: int,
+                 itemsize: int, persist: str = "auto", fan_in: int = 8):
         if fan_in < 2:
             raise ValueError("fan_in must be at least 2")
-        self.client, self.layout, self.fan_in, self.store = client, layout, fan_in, store
-        self.n_rows = layout.bounds[-1][1] if layout.bounds else 0
-        self.nbytes = self.n_rows * (n_features + 1) * itemsize
+        self.client, self.store, self.fan_in = client, store, fan_in
+        self.layout = ChunkLayout.regular(n_rows, chunk_rows, n_features, itemsize)
+        self.n_rows = n_rows
+        self.nbytes = n_rows * (n_features + 1) * itemsize
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
         if not workers:
             raise RuntimeError("the Dask cluster has no workers")
         memory = sum(w.get("memory_limit") or 0 for _, w in workers)
         if persist == "auto":
-            persist = "yes" if store is None or not memory or self.nbytes <= PERSIST_FRACTION * memory else "no"
-        if persist == "no" and store is None:
-            raise ValueError("in-memory arrays cannot be streamed; use persist='yes'")
+            persist = "yes" if not memory or self.nbytes <= PERSIST_FRACTION * memory else "no"
         self.persisted = persist == "yes"
         self.workers = [addr for addr, _ in workers]
+        client.run(_single_blas_thread)
         self.chunks: list[Future] = []
         if self.persisted:
-            self._persist(arrays)
-        self._iteration = 0
+            self.chunks = [client.submit(_load, store, a, b, workers=[self._owner(i)], allow_other_workers=True,
+                                         pure=False) for i, (a, b) in enumerate(self.layout.bounds)]
+            wait(self.chunks)
+            for f in self.chunks:
+                if f.status == "error":
+                    f.result()
+        self._calls = 0
         self._plan()
 
     def _owner(self, position: int) -> str:
+        """Contiguous, balanced ranges of leaves per worker."""
         return self.workers[position * len(self.workers) // len(self.layout)]
 
-    def _persist(self, arrays: tuple[Any, Any] | None) -> None:
-        submit = self.client.submit
-        if arrays is None:
-            self.chunks = [submit(_load_store_chunk, self.store, a, b, workers=[self._owner(i)],
-                                  allow_other_workers=True, pure=False)
-                           for i, (a, b) in enumerate(self.layout.bounds)]
-        else:
-            X, y = arrays
-            xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
-            self.chunks = [submit(_pair, self.client.compute(xb), self.client.compute(yb),
-                                  workers=[self._owner(i)], allow_other_workers=True, pure=False)
-                           for i, (xb, yb) in enumerate(zip(xs, ys, strict=True))]
-        wait(self.chunks)
-        for f in self.chunks:
-            if f.status == "error":
-                f.result()
-
     def _plan(self) -> None:
-        """Group chunk positions by the worker that holds them (or will stream them)."""
+        """Group leaves by the worker that holds them (or will stream them)."""
         groups: dict[str, list[int]] = {}
         if self.persisted:
             who = self.client.who_has(self.chunks)
@@ -154,30 +160,24 @@ class ChunkEngine:
         self.groups = sorted(groups.items(), key=lambda g: g[1][0])
 
     def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None) -> np.ndarray:
-        """``sum(kernel(X_k, y_k, *args))`` over all chunks (or ``positions``), summed by the fixed tree."""
-        self._iteration += 1
-        if self._iteration % 50 == 0:
-            self._plan()  # follow chunks that moved after a worker left or joined
-        chosen = None if positions is None else sorted(set(positions))
-        index = {p: i for i, p in enumerate(chosen)} if chosen is not None else None
-        n_leaves = len(chosen) if chosen is not None else len(self.layout)
+        """``sum(kernel(X_k, y_k, *args))`` over all leaves (or ``positions``), summed by the fixed tree."""
+        self._calls += 1
+        if self._calls % 50 == 0:
+            self._plan()  # follow leaves that moved after a worker left or joined
+        index = None if positions is None else {p: i for i, p in enumerate(sorted(set(positions)))}
+        n_leaves = len(self.layout) if index is None else len(index)
         futures = []
         for worker, group in self.groups:
             mine = group if index is None else [p for p in group if p in index]
             if not mine:
                 continue
-            leaf_ids = mine if index is None else [index[p] for p in mine]
-            if self.persisted:
-                fut = self.client.submit(_run_group, kernel, args, leaf_ids, n_leaves, self.fan_in,
-                                         *[self.chunks[p] for p in mine], workers=[worker],
-                                         allow_other_workers=True, pure=False)
-            else:
-                fut = self.client.submit(_run_group_streamed, kernel, args, leaf_ids, n_leaves, self.fan_in,
-                                         self.store, [self.layout.bounds[p] for p in mine], workers=[worker],
-                                         allow_other_workers=True, pure=False)
-            futures.append(fut)
+            keys = [self.chunks[p].key if self.persisted else None for p in mine]
+            futures.append(self.client.submit(
+                _run_group, kernel, args, mine if index is None else [index[p] for p in mine], n_leaves,
+                self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys,
+                workers=[worker], allow_other_workers=True, pure=False))
         nodes: dict[Node, np.ndarray] = {}
-        for part in self.client.gather(futures):
+        for part in self.client.gather(futures, direct=True):
             nodes.update(part)
         root = reduce_tree(nodes, n_leaves, self.fan_in)
         if len(root) != 1:

@@ -27,7 +27,7 @@ import numpy as np
 from distributed import Client
 
 from pipeline import losses
-from pipeline.engine import ChunkEngine, ChunkLayout
+from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
 from pipeline.store.dataset import open_dataset
 from pipeline.store.runs import RunStore
@@ -118,8 +118,8 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, bins: int 
     theta = np.asarray(store.row("theta", t), dtype=np.float64)
     mean = None if meta.get("mean") is None else np.asarray(meta["mean"], dtype=np.float64)
     scale = None if meta.get("scale") is None else np.asarray(meta["scale"], dtype=np.float64)
-    engine = ChunkEngine(client, layout=ChunkLayout.regular(ds.n_rows, ds.chunk_rows), n_features=ds.n_features,
-                         itemsize=np.dtype(ds.dtype).itemsize, store=ds.path, persist="auto", fan_in=fan_in)
+    engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
+                       itemsize=np.dtype(ds.dtype).itemsize, persist="auto", fan_in=fan_in)
     try:
         sums = engine.map_reduce(_metrics, model, theta, mean, scale, bins, zmax)
         k = len(losses.MODELS[model].metric_names)

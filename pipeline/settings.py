@@ -106,7 +106,9 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
     for name, default in defaults_train.items():
         key = f"{ENV_PREFIX}TRAIN_{name.upper()}"
         if key in environ:
-            data["train"][name] = environ[key] if default is None or name == "lr" else _coerce(environ[key], default)
+            # fields whose default is None (tol, time_budget) are numbers; lr may be "auto"
+            like = default if default is not None else 0.0
+            data["train"][name] = environ[key] if name == "lr" else _coerce(environ[key], like)
     if "DASK_SCHEDULER_ADDRESS" in environ and "scheduler" not in data:
         data["scheduler"] = environ["DASK_SCHEDULER_ADDRESS"]
     for key, value in (overrides or {}).items():

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -95,8 +97,9 @@ class StackState:
 class StartError(GradpipeError):
     def __init__(self, component: Component, reason: str):
         self.component = component
-        super().__init__(f"{component.name} failed to start: {reason} (log: {component.log}); "
-                         "everything the stack had started was stopped.")
+        cause = first_error(component.log)
+        super().__init__(f"{component.name} failed to start: {reason}" + (f" — {cause}" if cause else "") +
+                         f" (log: {component.log}); everything the stack had started was stopped.")
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -169,20 +172,42 @@ def _signal_group(comp: Component, sig: int) -> bool:
     return bool(procs)
 
 
+def _stage(comp: Component) -> int:
+    """Stop order: serve first (its shutdown talks to the Prefect server), the scheduler last."""
+    return {"serve": 0, "scheduler": 2}.get(comp.name, 1)
+
+
 def stop_components(components: list[Component], timeout: float = 30.0) -> list[str]:
-    """SIGTERM every component's process group (newest first), SIGKILL what is left after ``timeout``."""
-    stopped = [c.name for c in reversed(components) if _signal_group(c, signal.SIGTERM)]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(members(c) for c in components):
-        time.sleep(0.2)
-    left = [c for c in components if members(c)]
-    for comp in left:
-        print(f"stack: {comp.name} ignored SIGTERM for {timeout:g} s: SIGKILL", file=sys.stderr)
-        _signal_group(comp, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(members(c) for c in left):
-        time.sleep(0.1)
+    """Stop the components in stages (serve; workers and Prefect server; scheduler): SIGTERM each stage's
+    process groups, SIGKILL what is left of them after ``timeout``."""
+    stopped = []
+    for stage in sorted({_stage(c) for c in components}):
+        batch = [c for c in reversed(components) if _stage(c) == stage]
+        stopped += [c.name for c in batch if _signal_group(c, signal.SIGTERM)]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(members(c) for c in batch):
+            time.sleep(0.2)
+        left = [c for c in batch if members(c)]
+        for comp in left:
+            print(f"stack: {comp.name} ignored SIGTERM for {timeout:g} s: SIGKILL", file=sys.stderr)
+            _signal_group(comp, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(members(c) for c in left):
+            time.sleep(0.1)
     return stopped
+
+
+def first_error(path: str | Path) -> str | None:
+    """The first ``SomethingError: message`` line of a log: in a chained traceback, the root cause."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        m = re.match(r"^([\w.]*(?:Error|Exception)): (.+)$", line.strip())
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"[:300]
+    return None
 
 
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -242,8 +267,10 @@ class _Spawner:
         write_state(self.state)
         return comp
 
-    def wait(self, comps: list[Component], ready: Callable[[], bool], deadline_s: float, what: str) -> None:
-        """Poll ``ready`` until it holds; fail as soon as one of ``comps`` exits, or at the deadline."""
+    def wait(self, comps: list[Component], ready: Callable[[], bool], deadline_s: float, what: str,
+             blame: Component | None = None) -> None:
+        """Poll ``ready`` until it holds; fail as soon as one of ``comps`` exits, or at the deadline (the
+        error then names ``blame``, by default the first of ``comps``)."""
         deadline = time.monotonic() + deadline_s
         while True:
             for comp in comps:
@@ -253,14 +280,24 @@ class _Spawner:
             try:
                 if ready():
                     break
+            except Terminated:
+                raise
             except Exception:  # noqa: BLE001 - not ready yet (refused, reset, a half-started server)
                 pass
             if time.monotonic() > deadline:
-                raise StartError(comps[0], f"not {what} within {deadline_s:g} s")
+                raise StartError(blame or comps[0], f"not {what} within {deadline_s:g} s")
             time.sleep(0.25)
         for comp in comps:
             comp.ready_s = round(time.time() - comp.spawned, 2)
         write_state(self.state)
+
+
+class Terminated(GradpipeError):
+    exit_code = 143
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM while starting; what was started was stopped.")
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> Any:
@@ -270,16 +307,25 @@ def _http_ok(url: str, timeout: float = 2.0) -> Any:
     return r.json() if r.status_code == 200 else None
 
 
-def _scheduler_workers(address: str, timeout: str = "3s") -> int:
-    from distributed import Client
+def _scheduler_workers(dashboard_url: str) -> int:
+    """Workers connected, from the scheduler's HTTP endpoint (an HTTP timeout cannot hang like a Dask
+    handshake with a stranger on the port can)."""
+    data = _http_ok(dashboard_url.removesuffix("/status") + "/json/counts.json")
+    if not isinstance(data, dict):
+        raise ConnectionError("no worker counts")
+    return int(data["workers"])
 
-    with Client(address, timeout=timeout) as client:
-        return len(client.scheduler_info(n_workers=-1)["workers"])
 
-
-def _port_open(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=1):
-        return True
+def listening(comp: Component) -> set[int]:
+    """TCP ports the component's processes listen on: proves *this* process holds a port, not a stranger."""
+    psutil = _psutil()
+    ports = set()
+    for proc in members(comp):
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return ports
 
 
 def _served_since(api_url: str, deployment: str, since: float) -> bool:
@@ -298,6 +344,8 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
     On any failure (a component exits, misses its deadline, or Ctrl-C) everything already started is stopped
     and the error is raised; the component's log tail is in the ``StartError``'s log file.
     """
+    if opts.workers < 1:
+        raise GradpipeError(f"--workers must be ≥ 1, not {opts.workers}.")
     stack_dir = Path(opts.dir).absolute()
     old = read_state(stack_dir)
     if old is not None:
@@ -323,15 +371,17 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
     dask_env = {k: v for k, v in base_env.items() if k != "DASK_SCHEDULER_ADDRESS"}
     s = _Spawner(state, logs)
     t0 = time.monotonic()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
-        # Prefect's server is the slow one (15–25 s): start it first, the Dask side comes up meanwhile.
-        say(f"starting prefect server on {state.prefect_url} (takes 15–25 s)…")
+        # Prefect's server is the slow one (5–25 s): start it first, the Dask side comes up meanwhile.
+        say(f"starting prefect server on {state.prefect_url} (takes 5–25 s)…")
         prefect = s.spawn("prefect-server", [*_exe("prefect"), "server", "start", "--host", HOST, "--port", str(pp)],
                           prefect_env, stack_dir)
         say(f"starting dask scheduler on {state.scheduler_address}…")
         sched = s.spawn("scheduler", [*_exe("dask"), "scheduler", "--host", HOST, "--port", str(sp),
                                       "--dashboard-address", f"{HOST}:{dp}"], dask_env, stack_dir)
-        s.wait([sched], lambda: _port_open(sp), opts.timeout, "listening")
+        s.wait([sched], lambda: {sp, dp} <= listening(sched), opts.timeout, f"listening on ports {sp} and {dp}")
         worker_argv = [*_exe("dask"), "worker", state.scheduler_address, "--nthreads", "1", "--host", HOST,
                        "--dashboard-address", f"{HOST}:0", "--local-directory", str(stack_dir / "dask-worker-space")]
         if opts.worker_memory:
@@ -339,10 +389,10 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
         workers = [s.spawn(f"worker-{i + 1}", [*worker_argv, "--name", f"worker-{i + 1}"], dask_env, stack_dir)
                    for i in range(opts.workers)]
         say(f"waiting for {opts.workers} dask worker(s)…")
-        s.wait([sched, *workers], lambda: _scheduler_workers(state.scheduler_address) >= opts.workers,
-               opts.timeout, f"connected with {opts.workers} worker(s)")
-        s.wait([prefect], lambda: _http_ok(f"{state.prefect_api_url}/health") is True,
-               max(0.0, opts.timeout - (time.time() - prefect.spawned)), "healthy at /api/health")
+        s.wait([sched, *workers], lambda: _scheduler_workers(state.dashboard_url) >= opts.workers,
+               opts.timeout, f"connected with {opts.workers} worker(s)", blame=workers[0] if workers else sched)
+        s.wait([prefect], lambda: pp in listening(prefect) and _http_ok(f"{state.prefect_api_url}/health") is True,
+               max(0.0, opts.timeout - (time.time() - prefect.spawned)), f"healthy at {state.prefect_api_url}/health")
         if opts.serve:
             say(f"starting gradpipe serve ({state.deployment}, {state.schedule})…")
             serve_env = {**prefect_env, "DASK_SCHEDULER_ADDRESS": state.scheduler_address}
@@ -357,6 +407,9 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
         stop_components(state.components, timeout=15)
         state_path(stack_dir).unlink(missing_ok=True)
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     state.ready_s = round(time.monotonic() - t0, 2)
     write_state(state)
     return state
@@ -384,7 +437,7 @@ def status(stack_dir: str | Path) -> dict[str, Any] | None:
     for comp, rec in zip(state.components, out["components"], strict=True):
         rec["running"] = leader_running(comp)
     try:
-        out["scheduler_workers"] = _scheduler_workers(state.scheduler_address)
+        out["scheduler_workers"] = _scheduler_workers(state.dashboard_url)
     except Exception:  # noqa: BLE001 - unreachable
         out["scheduler_workers"] = None
     try:

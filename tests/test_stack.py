@@ -1,0 +1,222 @@
+"""`gradpipe stack`: the compose topology as real processes, and the whole pipeline run through it.
+
+One stack (scheduler, 2 workers, Prefect server, `gradpipe serve`) for the module, started and stopped with
+the CLI in subprocesses. Every wait has a deadline; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEVER = "0 0 1 1 *"  # the served deployment's schedule in tests: no scheduled run fires during the test
+TIMINGS: dict[str, float] = {}
+
+
+def gradpipe() -> list[str]:
+    script = Path(sys.executable).parent / "gradpipe"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    drop = ("PREFECT_API_URL", "PREFECT_HOME", "DASK_SCHEDULER_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("GRADPIPE_")}
+    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
+
+
+def cli(*args: str, timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None, what: str = ""
+        ) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
+    r = subprocess.run([*gradpipe(), *args], capture_output=True, text=True, timeout=timeout,
+                       env=env or clean_env(), cwd=cwd)
+    if what:
+        TIMINGS[what] = round(time.monotonic() - t0, 1)
+    return r
+
+
+def gone(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - create_time) > 0.05 or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def processes_in(stack_dir: Path) -> list[psutil.Process]:
+    """Processes that belong to a stack in ``stack_dir``: started there, or naming it on their command line."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                continue
+            if (p.info["cwd"] and Path(p.info["cwd"]) == stack_dir) or any(
+                    str(stack_dir) in a for a in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def wait_for(check, deadline_s: float, what: str):
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    r = cli("make-data", "--kind", "linear", "--rows", "3000", "--features", "4", "--files", "2", "--seed", "3",
+            "--out", str(root / "raw"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    stack_dir = root / "stack"
+    r = cli("stack", "up", "--dir", str(stack_dir), "--serve-cron", NEVER, "--name", "served",
+            "--data-dir", str(root / "served"), "--raw", str(root / "raw"), "--max-iter", "20",
+            timeout=400, cwd=root, what="stack up")
+    try:
+        assert r.returncode == 0, f"stack up failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-4000:]}"
+        yield root, stack_dir, json.loads((stack_dir / "stack.json").read_text()), r.stdout
+    finally:
+        cli("stack", "down", "--dir", str(stack_dir), timeout=120)  # a safety net: down is idempotent
+        print("stack test timings (s):", TIMINGS, file=sys.stderr)
+
+
+def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
+    root, stack_dir, state, up_out = stack
+    api, sched = state["prefect_api_url"], state["scheduler_address"]
+    names = [c["name"] for c in state["components"]]
+    assert names == ["prefect-server", "scheduler", "worker-1", "worker-2", "serve"]
+    for key in ("prefect_url", "dashboard_url", "scheduler_address"):
+        assert state[key] in up_out
+    assert f"export PREFECT_API_URL={api}" in up_out and f"export DASK_SCHEDULER_ADDRESS={sched}" in up_out
+    for c in state["components"]:
+        TIMINGS[f"ready {c['name']}"] = c["ready_s"]
+
+    r = cli("stack", "status", "--dir", str(stack_dir), "--json", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads(r.stdout)
+    assert status["scheduler_workers"] == 2 and status["prefect_healthy"] and status["all_running"]
+    assert httpx.get(state["dashboard_url"], timeout=10).status_code == 200
+
+    from distributed import Client
+
+    def worker_transitions() -> dict[str, int]:
+        with Client(sched, timeout="30s") as c:
+            return c.run(lambda dask_worker: dask_worker.state.transition_counter)
+
+    before = worker_transitions()
+    assert len(before) == 2
+
+    # the driver: `gradpipe run` against the stack's scheduler and Prefect server
+    data = root / "data"
+    env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(root / "client-prefect"))
+    r = cli("run", "--scheduler", sched, "--data-dir", str(data), "--raw", str(root / "raw"), "--name", "e2e",
+            "--max-iter", "30", "--json", timeout=600, env=env, cwd=root, what="gradpipe run")
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    run_store = Path(result["train"]["run_uri"])
+    latest = data / "models" / "e2e" / "latest.json"
+    assert run_store.is_dir() and (run_store / "zarr.json").is_file()
+    assert latest.is_file() and json.loads(latest.read_text())["run_id"] == result["train"]["run_id"]
+    after = worker_transitions()
+    assert sum(after.values()) > sum(before.values()), (before, after)  # the stack's workers did the work
+
+    # what the workers wrote is what the CSVs hold, read back by the driver (this process)
+    import zarr
+
+    group = zarr.open_group(result["ingest"]["dataset"], mode="r")
+    X, y = group["X"][:], group["y"][:]
+    names = list(group.attrs["feature_names"])
+    manifest = group.attrs["manifest"]
+    assert sorted(Path(m["path"]).name for m in manifest) == ["part-00000.csv", "part-00001.csv"]
+    assert X.shape == (3000, 4) and y.shape == (3000,)
+    for m in manifest:
+        with open(m["path"], newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        want_X = np.array([[float(row[n]) for n in names] for row in rows])
+        want_y = np.array([float(row["y"]) for row in rows])
+        assert m["row_stop"] - m["row_start"] == len(rows)
+        assert np.array_equal(X[m["row_start"]:m["row_stop"]], want_X), m["path"]
+        assert np.array_equal(y[m["row_start"]:m["row_stop"]], want_y), m["path"]
+
+    # the flow run is recorded in the stack's Prefect server, completed
+    runs = httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+        "flows": {"name": {"any_": ["gradpipe-pipeline"]}},
+        "flow_runs": {"deployment_id": {"is_null_": True}}}).json()
+    assert [fr["state_type"] for fr in runs] == ["COMPLETED"], runs
+
+    # `gradpipe serve` serves the deployment, and a run of it executes on the stack
+    dep = httpx.get(f"{api}/deployments/name/gradpipe-pipeline/scheduled", timeout=30).json()
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == [NEVER]
+    t0 = time.monotonic()
+    fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=30).json()
+    final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    def finished():
+        got = httpx.get(f"{api}/flow_runs/{fr['id']}", timeout=30).json()
+        return got if got["state_type"] in final else None
+
+    got = wait_for(finished, 300, "the served deployment's run")
+    TIMINGS["served run"] = round(time.monotonic() - t0, 1)
+    assert got["state_type"] == "COMPLETED", (got["state"], Path(state["components"][-1]["log"]).read_text()[-3000:])
+    assert (root / "served" / "models" / "served" / "latest.json").is_file()
+
+    # prefect.yaml is a valid `prefect deploy` project (same flow, name and schedule as serve; a work pool)
+    penv = {**env, "PWD": str(ROOT)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for argv in (["work-pool", "create", "gradpipe", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        r = subprocess.run([prefect, *argv], capture_output=True, text=True, timeout=300, env=penv, cwd=ROOT)
+        assert r.returncode == 0, (argv, r.stdout[-3000:], r.stderr[-3000:])
+    dep = httpx.get(f"{api}/deployments/name/gradpipe-pipeline/scheduled", timeout=30).json()
+    assert dep["work_pool_name"] == "gradpipe" and dep["entrypoint"] == "flows/pipeline.py:pipeline_flow"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 * * * *"]
+
+    # down stops every process of every component (process groups included), and is idempotent
+    from pipeline.stack import Component, members
+
+    procs = [(p.pid, p.create_time()) for c in state["components"] for p in members(Component(**c))]
+    assert {pid for pid, _ in procs} >= {c["pid"] for c in state["components"]}
+    r = cli("stack", "down", "--dir", str(stack_dir), timeout=120, what="stack down")
+    assert r.returncode == 0, r.stderr
+    assert all(gone(pid, ct) for pid, ct in procs), [pid for pid, ct in procs if not gone(pid, ct)]
+    assert not processes_in(stack_dir)
+    assert not (stack_dir / "stack.json").exists()
+    port = int(sched.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+    r = cli("stack", "down", "--dir", str(stack_dir), timeout=60)
+    assert r.returncode == 0 and "nothing to stop" in r.stdout
+    r = cli("stack", "status", "--dir", str(stack_dir), timeout=60)
+    assert r.returncode == 1
+
+
+def test_a_component_that_cannot_start_stops_the_stack(tmp_path):
+    stack_dir = tmp_path / "stack"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("stack", "up", "--dir", str(stack_dir), "--no-serve", "--scheduler-port", str(port), timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("gradpipe stack: error:")]
+    assert len(errors) == 1 and "scheduler failed to start" in errors[0], r.stderr
+    assert "Address already in use" in errors[0]
+    assert "--- last lines of" in r.stderr  # the log tail
+    assert not (stack_dir / "stack.json").exists()
+    wait_for(lambda: not processes_in(stack_dir), 30, "the started components to be gone")
