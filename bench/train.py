@@ -260,21 +260,25 @@ def dask_ml_status() -> str | None:
     return None
 
 
-def bench_overhead(client, args: argparse.Namespace) -> dict:
+def bench_overhead(client, args: argparse.Namespace, work: Path) -> dict:
     """Engine map_reduce per call (and naive dask per compute) on tiny data in many chunks."""
     import dask.array as da
     import numpy as np
 
-    from pipeline.engine import ChunkEngine, ChunkLayout
+    from pipeline.engine import ChunkEngine
+    from pipeline.estimators import write_dataset
 
     n, k, d = args.tiny_rows, args.tiny_chunks, args.features
     rows = -(-n // k)
     rng = np.random.default_rng(1)
-    X = da.from_array(rng.normal(size=(n, d)), chunks=(rows, d))
-    y = da.from_array(rng.normal(size=n), chunks=(rows,))
+    Xn, yn = rng.normal(size=(n, d)), rng.normal(size=n)
+    X = da.from_array(Xn, chunks=(rows, d))
+    y = da.from_array(yn, chunks=(rows,))
     theta = rng.normal(size=d + 1)
-    engine = ChunkEngine(client, layout=ChunkLayout.from_chunks(X.chunks[0]), n_features=d, itemsize=8,
-                         arrays=(X, y), persist="yes")
+    store = work / "tiny.zarr"
+    write_dataset(store, Xn, yn, client, chunk_rows=rows)
+    engine = ChunkEngine(client, store=str(store), n_rows=n, chunk_rows=rows, n_features=d, itemsize=8,
+                         persist="yes")
     Xp, yp = client.persist([X, y])
     try:
         step = engine_pass(engine, theta, None, None)
@@ -295,7 +299,7 @@ def bench_passes(store: Path, client, args: argparse.Namespace, dask_ml_error: s
     import numpy as np
     import zarr
 
-    from pipeline.engine import ChunkEngine, ChunkLayout
+    from pipeline.engine import ChunkEngine
     from pipeline.store.dataset import open_dataset
 
     ds = open_dataset(store)
@@ -309,8 +313,8 @@ def bench_passes(store: Path, client, args: argparse.Namespace, dask_ml_error: s
     group = zarr.open_group(str(store), mode="r")
     Xn, yn = group["X"][: ds.n_rows], group["y"][: ds.n_rows]  # the floor's copy, in the driver
     Xd, yd = client.persist([ds.X, ds.y])
-    engine = ChunkEngine(client, layout=ChunkLayout.regular(ds.n_rows, ds.chunk_rows), n_features=d,
-                         itemsize=8, store=ds.path, persist="yes")
+    engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=d,
+                         itemsize=8, persist="yes")
     bounds = engine.layout.bounds
     out["rows_per_worker"] = {w: sum(bounds[p][1] - bounds[p][0] for p in g) for w, g in engine.groups}
     try:
@@ -374,7 +378,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         with dask_client(workers=args.workers, announce=False) as client:
             tune_latency(client)  # for every method, not only gradpipe's
-            overhead = bench_overhead(client, args)
+            overhead = bench_overhead(client, args, work)
             print(f"overhead: engine {overhead['engine_median_seconds'] * 1e3:.2f} ms per call with "
                   f"{overhead['chunks']} chunks", file=sys.stderr)
             for rows in args.rows:

@@ -23,6 +23,7 @@ import numpy as np
 from distributed import Client
 
 from pipeline import __version__, losses
+from pipeline.checkpoint import CheckpointWriter
 from pipeline.config import TrainConfig
 from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
@@ -107,13 +108,14 @@ class FitResult:
     seconds: float
     seconds_per_iter: float
     passes: float
-    checkpoint_seconds: float
+    checkpoint_seconds: float  # what checkpointing cost the loop (rows are written in the background)
+    checkpoint_write_seconds: float  # time the background writer spent writing
     model: str
     loss_history: np.ndarray = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
         keys = ("run_id", "run_uri", "status", "message", "n_iter", "loss", "intercept", "feature_names",
-                "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "model")
+                "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "checkpoint_write_seconds", "model")
         return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist()}
 
 
@@ -263,14 +265,15 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
     store, mean, scale = ctx.store, ctx.mean, ctx.scale
     pending: list[dict[str, Any]] = []
     steps = 0
-    ckpt_seconds = 0.0
+    ckpt_seconds = 0.0  # time the loop itself spent handing rows to the checkpoint writer
     loss0 = row.loss if not resumed else float(store.row("loss", 0))
+    writer = CheckpointWriter(store)
 
     def flush() -> None:
         nonlocal ckpt_seconds
         c0 = time.perf_counter()
         extra = {"lipschitz": list(objective._lip)} if hasattr(objective, "_lip") else {}
-        store.append(pending, {"solver": solver.resume_state(), **extra})
+        writer.submit(pending, {"solver": solver.resume_state(), **extra})
         pending.clear()
         ckpt_seconds += time.perf_counter() - c0
 
@@ -278,7 +281,7 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
         return elapsed0 + time.perf_counter() - t0
 
     status, message = "running", ""
-    with _stop_signals() as stop:
+    with _stop_signals() as stop, contextlib.closing(writer):
         if not resumed:
             rec = _record(row, elapsed(), objective.passes, mean, scale)
             pending.append(rec)
@@ -302,9 +305,12 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
             if status != "running":
                 break
             it0 = time.perf_counter()
+            if steps == 0:
+                loop_t0 = it0
             new = solver.step()
             if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
                 flush()
+                writer.close()
                 store.finalize()
                 msg = (f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "
                        f"the last good θ (iteration {t}) is kept. "
@@ -320,6 +326,7 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
             log.info("iter %d loss %.10g |g| %.3g lr %.3g %.3fs", t, row.loss, rec["grad_norm"], row.lr,
                      time.perf_counter() - it0)
             _report(on_iteration, t, rec)
+        loop_seconds = time.perf_counter() - loop_t0 if steps else 0.0
         flush()
     store.finalize()
     store.set_status(status, message)
@@ -328,8 +335,8 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
     return FitResult(
         run_id=ctx.run_id, run_uri=str(ctx.path.absolute()), status=status, message=message, n_iter=t,
         loss=row.loss, coef=coef, intercept=intercept, feature_names=ctx.feature_names, seconds=seconds,
-        seconds_per_iter=seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
-        model=config.model, loss_history=store.column("loss"))
+        seconds_per_iter=loop_seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
+        checkpoint_write_seconds=writer.busy_seconds, model=config.model, loss_history=store.column("loss"))
 
 
 def _report(callback, t: int, rec: dict[str, Any]) -> None:

@@ -38,6 +38,13 @@ class RunStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
         self._attrs = group.attrs.asdict()
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """Array handles are cached: re-opening one re-reads its metadata, every iteration."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def run_id(self) -> str:
@@ -101,7 +108,7 @@ class RunStore:
         start = self.committed + 1
         stop = start + len(rows)
         for name in rows[0]:
-            arr = self.group[name]
+            arr = self._array(name)
             if arr.shape[0] < stop:
                 arr.resize((max(stop, 2 * arr.shape[0], 64), *arr.shape[1:]))  # grow geometrically
             arr[start:stop] = np.stack([np.asarray(r[name], dtype=np.float64) for r in rows])
@@ -111,7 +118,7 @@ class RunStore:
         """Trim arrays to the committed rows so plain Zarr readers see exact shapes."""
         n = self.committed + 1
         for name in self.array_names():
-            arr = self.group[name]
+            arr = self._array(name)
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
 
@@ -122,10 +129,10 @@ class RunStore:
         return names
 
     def column(self, name: str) -> np.ndarray:
-        return self.group[name][: self.committed + 1]
+        return self._array(name)[: self.committed + 1]
 
     def row(self, name: str, t: int) -> np.ndarray:
-        return np.asarray(self.group[name][t])
+        return np.asarray(self._array(name)[t])
 
     def history(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in self.array_names()}
