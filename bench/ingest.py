@@ -18,7 +18,6 @@ parse/encode/write, not the disk. "vs pyarrow" is speed relative to parsing alon
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -256,16 +255,8 @@ def print_table(res: dict) -> None:
         print(line)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    res = run(args)
-    print_table(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\nwrote {out}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _report import main
+
+    sys.exit(main(parse_args, run, print_table))

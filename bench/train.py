@@ -42,7 +42,6 @@ the fastest NumPy variant. The machine may be shared: the load average is record
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -501,16 +500,8 @@ def print_table(res: dict) -> None:
         print(f"  {name:<16} {value:>8}  goal {g['goal']:<6} {met}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    res = run(args)
-    print_table(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\nwrote {out}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _report import main
+
+    sys.exit(main(parse_args, run, print_table))
