@@ -143,8 +143,9 @@ class ChunkEngine:
         self._plan()
 
     def _owner(self, position: int) -> str:
-        """Contiguous, balanced ranges of leaves per worker."""
-        return self.workers[position * len(self.workers) // len(self.layout)]
+        """Contiguous ranges of leaves per worker, balanced by rows (leaf sizes differ at chunk ends)."""
+        start, stop = self.layout.bounds[position]
+        return self.workers[min(len(self.workers) - 1, (start + stop) * len(self.workers) // (2 * self.n_rows))]
 
     def _plan(self) -> None:
         """Group leaves by the worker that holds them (or will stream them)."""
