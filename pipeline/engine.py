@@ -23,6 +23,7 @@ Design (DESIGN.md §3), with departures measured on this 2-core machine:
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +74,10 @@ def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray
     return _load(path, start, stop)
 
 
-def _run_group(kernel: Kernel, args: tuple, leaf_ids: list[int], n_leaves: int, fan_in: int, path: str,
-               ranges: list[tuple[int, int]], keys: list[str | None]) -> dict[Node, np.ndarray]:
+def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
+    """One worker's share of an iteration. The arguments travel pickled: as plain task arguments, Dask would
+    walk every nested list of ranges and keys looking for dependencies (~0.7 ms of driver time per call)."""
+    kernel, args, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
     leaves = {(0, i): kernel(*_leaf(path, a, b, k), *args) for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True)}
     return reduce_tree(leaves, n_leaves, fan_in)
 
@@ -173,10 +176,11 @@ class ChunkEngine:
             if not mine:
                 continue
             keys = [self.chunks[p].key if self.persisted else None for p in mine]
-            futures.append(self.client.submit(
-                _run_group, kernel, args, mine if index is None else [index[p] for p in mine], n_leaves,
-                self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys,
-                workers=[worker], allow_other_workers=True, pure=False))
+            payload = pickle.dumps((kernel, args, mine if index is None else [index[p] for p in mine], n_leaves,
+                                    self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
+                                   protocol=pickle.HIGHEST_PROTOCOL)
+            futures.append(self.client.submit(_run_group, payload, workers=[worker], allow_other_workers=True,
+                                              pure=False))
         nodes: dict[Node, np.ndarray] = {}
         for part in self.client.gather(futures, direct=True):
             nodes.update(part)
