@@ -25,12 +25,25 @@ class FeatureStats:
 
     @classmethod
     def of(cls, X: np.ndarray) -> FeatureStats:
-        """Statistics of one block of rows (float64 accumulation)."""
-        X = np.asarray(X, dtype=np.float64)
-        if X.shape[0] == 0:
-            return cls.empty(X.shape[1])
-        mean = X.mean(axis=0)
-        return cls(int(X.shape[0]), mean, ((X - mean) ** 2).sum(axis=0), X.min(axis=0), X.max(axis=0))
+        """Statistics of one block of rows, (n, d)."""
+        return cls.of_columns(np.asarray(X).T)
+
+    @classmethod
+    def of_columns(cls, XT: np.ndarray) -> FeatureStats:
+        """Statistics of one block given feature-major, (d, n): fastest when each feature is contiguous.
+
+        Two passes per feature (mean, then the sum of squared deviations), accumulated in float64.
+        """
+        XT = np.asarray(XT)
+        d, n = XT.shape
+        if n == 0:
+            return cls.empty(d)
+        mean = XT.sum(axis=1, dtype=np.float64) / n
+        m2 = np.empty(d)
+        for j in range(d):
+            dev = np.subtract(XT[j], mean[j], dtype=np.float64)
+            m2[j] = dev @ dev
+        return cls(n, mean, m2, XT.min(axis=1).astype(np.float64), XT.max(axis=1).astype(np.float64))
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         if other.count == 0:

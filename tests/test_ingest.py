@@ -116,6 +116,68 @@ def test_changed_file_is_refused_unless_replace(tmp_path, client):
     assert np.array_equal(open_dataset(tmp_path / "ds.zarr").y.compute(), ref[:, 2])
 
 
+def test_change_with_restored_mtime_is_still_detected(tmp_path, client):
+    """Same size and mtime (``cp -p``, ``touch -r``) does not hide new content: the file is re-hashed."""
+    a = write_csv(tmp_path / "a.csv", *make_xy(50, 2, seed=1))
+    ingest([str(a)], tmp_path / "ds.zarr", "y", client)
+    st = a.stat()
+    text = a.read_text()
+    a.write_text(text.replace("1", "2", 1))
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert a.stat().st_size == st.st_size and a.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(GradpipeError, match="changed since it was ingested"):
+        ingest([str(a)], tmp_path / "ds.zarr", "y", client)
+    a.write_text(text)  # the same bytes again, new ctime: re-hashed, recognised, skipped
+    assert ingest([str(a)], tmp_path / "ds.zarr", "y", client).appended_files == []
+
+
+def test_replace_needs_every_source_of_the_dataset(tmp_path, client):
+    a = write_csv(tmp_path / "a.csv", *make_xy(50, 2, seed=1))
+    b = write_csv(tmp_path / "b.csv", *make_xy(60, 2, seed=2))
+    ingest([str(a), str(b)], tmp_path / "ds.zarr", "y", client)
+    before = tree_hashes(tmp_path / "ds.zarr")
+    b.unlink()
+    write_csv(a, *make_xy(40, 2, seed=3))
+    with pytest.raises(GradpipeError, match=r"--replace rebuilds .* but .*b\.csv \(in its manifest\) no longer"):
+        ingest([str(a)], tmp_path / "ds.zarr", "y", client, replace=True)
+    assert tree_hashes(tmp_path / "ds.zarr") == before
+
+
+def test_reingest_with_another_target_is_refused(tmp_path, client):
+    a = write_csv(tmp_path / "a.csv", *make_xy(50, 2, seed=1))
+    ingest([str(a)], tmp_path / "ds.zarr", "y", client)
+    with pytest.raises(GradpipeError, match="--target 'x0' differs from the dataset's target 'y'"):
+        ingest([str(a)], tmp_path / "ds.zarr", "x0", client)
+    with pytest.raises(GradpipeError, match="--features \\['x1'\\] differ"):
+        ingest([str(a)], tmp_path / "ds.zarr", "y", client, features=["x1"])
+
+
+def test_rows_of_empty_unused_cells_are_all_kept(tmp_path, client):
+    """Rows shorter than two bytes per column (empty cells in unused columns) must not overflow the row
+    estimate the arrays are sized by: Zarr would silently drop what lies past the end."""
+    n = 1000
+    path = tmp_path / "a.csv"
+    path.write_text("\ufeffx0," + ",".join(f"e{i}" for i in range(8)) + ",y\n" +
+                    "".join(f"{i % 10},,,,,,,,,{i % 7}\n" for i in range(n)))
+    res = ingest([str(path)], tmp_path / "ds.zarr", "y", client, features=["x0"], chunk_mb=0.001)
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert res.n_rows == n and ds.feature_names == ["x0"]  # the byte-order mark is not part of the name
+    assert np.array_equal(ds.X.compute()[:, 0], np.arange(n) % 10)
+    assert np.array_equal(ds.y.compute(), np.arange(n) % 7)
+
+
+def test_unshare_gives_a_linked_file_its_own_copy(tmp_path):
+    from pipeline.store import atomic
+
+    live, staged = tmp_path / "live", tmp_path / "staged"
+    live.write_bytes(b"old")
+    os.link(live, staged)
+    atomic.unshare(staged)
+    with open(staged, "r+b") as fh:  # an in-place write, as a store without temp-file writes would do
+        fh.write(b"new")
+    assert live.read_bytes() == b"old" and staged.read_bytes() == b"new"
+
+
 def test_failed_append_leaves_the_store_byte_for_byte(tmp_path, client):
     a = write_csv(tmp_path / "a.csv", *make_xy(501, 2))
     ingest([str(a)], tmp_path / "ds.zarr", "y", client, chunk_mb=0.003)

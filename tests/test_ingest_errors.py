@@ -40,6 +40,12 @@ CASES = {
     "all dropped": ({"a.csv": "x0,x1,y\n1,,3\n"}, ["--on-invalid", "drop"], r"no data rows"),
     "unreadable parquet": ({"a.parquet": "this is not parquet"}, [], r"a\.parquet: unreadable Parquet file"),
     "unsupported type": ({"a.txt": GOOD}, [], r"unsupported file type '\.txt'"),
+    "digit underscores": ({"a.csv": "x0,x1,y\n1,2,3\n1_000,5,6\n"}, [],
+                          r"a\.csv: line 3, column 'x0' is '1_000', which is not a number"),
+    "float32 overflow": ({"a.csv": "x0,x1,y\n1,2,3\n4,1e39,6\n"}, ["--dtype", "float32"],
+                         r"a\.csv: line 3, column 'x1' is '1e39', which does not fit float32"),
+    "features twice": ({"a.csv": GOOD}, ["--features", "x0,x0"], r"--features lists \['x0'\] more than once"),
+    "features empty": ({"a.csv": GOOD}, ["--features", ","], r"--features names no column"),
 }
 
 
@@ -77,6 +83,35 @@ def test_existing_non_dataset_is_refused_and_kept(tmp_path, scheduler, capsys):
                         "--scheduler", scheduler)
     assert code == 2 and "is not a gradpipe dataset" in err
     assert (target / "precious.txt").read_text() == "keep me"
+
+
+def parquet_file(path: Path, **columns) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=2)
+    return path
+
+
+@pytest.mark.parametrize("column, message", [
+    (["1.5", "2", "x9"], r"a\.parquet: row 2 \(0-based\), column 'x1' is 'x9', which is not a number"),
+    ([1.0, None, 3.0], r"a\.parquet: row 1 \(0-based\), column 'x1' is empty"),
+    ([1.0, float("nan"), 3.0], r"a\.parquet: row 1 \(0-based\), column 'x1' is 'nan', which is not a finite"),
+])
+def test_parquet_bad_cells_are_named(column, message, tmp_path, client):
+    from pipeline.errors import GradpipeError
+
+    path = parquet_file(tmp_path / "a.parquet", x0=[1.0, 2.0, 3.0], x1=column, y=[0.0, 1.0, 2.0])
+    with pytest.raises(GradpipeError, match=message):
+        ingest([str(path)], tmp_path / "ds.zarr", "y", client)
+    assert not (tmp_path / "ds.zarr").exists()
+
+
+def test_input_errors_need_no_cluster(tmp_path, capsys):
+    """Without --scheduler, a bad --target fails before a LocalCluster is started (no `dask:` line)."""
+    (tmp_path / "a.csv").write_text(GOOD)
+    code, err = run_cli(capsys, str(tmp_path / "a.csv"), "--target", "nope", "--dataset", str(tmp_path / "d"))
+    assert code == 2 and "is not a column" in err and "dask:" not in err
 
 
 def test_append_with_other_columns_is_refused(tmp_path, client):

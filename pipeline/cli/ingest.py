@@ -32,15 +32,13 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cluster import dask_client
     from pipeline.ingest import ingest
-    from pipeline.ingest.sources import discover
 
-    discover(args.sources)  # fail on a bad path before starting a cluster
-    with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
-        result = ingest(args.sources, args.dataset, args.target, client, features=args.features,
-                        chunk_mb=args.chunk_mb, dtype=args.dtype, on_invalid=args.on_invalid,
-                        replace=args.replace, compressor=args.compressor)
+    # The cluster starts only once the inputs are checked and there is something new to parse.
+    result = ingest(args.sources, args.dataset, args.target, features=args.features, chunk_mb=args.chunk_mb,
+                    dtype=args.dtype, on_invalid=args.on_invalid, replace=args.replace,
+                    compressor=args.compressor, scheduler=args.scheduler, workers=args.workers,
+                    announce=not args.json)
     if args.json:
         print(json.dumps(result.to_json()))
     elif not result.appended_files:

@@ -1,7 +1,13 @@
 """Parsing and validating one piece of a source file. Runs inside Dask tasks on the workers.
 
-The fast path hands the bytes to pyarrow; only when pyarrow rejects a piece (or the piece holds
-invalid values) do we re-read it row by row to name the exact line, column and value.
+The fast path hands the bytes to pyarrow and checks them through the statistics it computes anyway (NaN
+and ±inf show in a feature's min or max); only when pyarrow rejects a piece, or the piece holds invalid
+values, do we look again, row by row, to name the exact line, column and value.
+
+A parsed piece is feature-major, ``XT`` of shape (d, n): Arrow hands over one column at a time, so filling
+rows of ``XT`` is a contiguous copy, and per-feature statistics run over contiguous memory (measured on
+155k × 20: 2.8 ms against 12 ms for ``np.column_stack``, 8 ms against 19 ms for the statistics). The
+transpose to the stored row-major layout happens once, when a chunk is assembled for writing.
 """
 
 from __future__ import annotations
@@ -29,18 +35,18 @@ class Schema:
     on_invalid: str  # "error" | "drop"
 
 
-@dataclass
-class Parsed:
-    X: np.ndarray
-    y: np.ndarray
-    meta: PieceMeta
-
-
 @dataclass(frozen=True)
 class PieceMeta:
     n_rows: int
     n_dropped: int
     stats: FeatureStats
+
+
+@dataclass
+class Parsed:
+    XT: np.ndarray  # (d, n): feature-major, see the module docstring
+    y: np.ndarray
+    meta: PieceMeta
 
 
 def piece_meta(parsed: Parsed) -> PieceMeta:
@@ -49,50 +55,57 @@ def piece_meta(parsed: Parsed) -> PieceMeta:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(8 * 2**20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def parse_piece(piece: Piece, schema: Schema) -> Parsed:
-    if piece.fmt == "csv":
-        table = _read_csv(piece, schema)
-    elif piece.fmt == "parquet":
-        table = _read_parquet(piece, schema)
-    else:
-        table = _read_npy(piece, schema)
-    X, y, valid, first_row = table
+    reader = {"csv": _read_csv, "parquet": _read_parquet, "npy": _read_npy}[piece.fmt]
+    XT, y, first_row = reader(piece, schema)
+    stats = FeatureStats.of_columns(XT)
     n_dropped = 0
-    if not valid.all():
+    if not (np.isfinite(stats.min).all() and np.isfinite(stats.max).all() and np.isfinite(y).all()):
+        valid = np.isfinite(XT).all(axis=0) & np.isfinite(y)
         if schema.on_invalid == "error":
-            _raise_invalid(piece, schema, X, y, valid, first_row)
+            _raise_invalid(piece, schema, XT, y, valid, first_row)
         n_dropped = int((~valid).sum())
-        X, y = X[valid], y[valid]
-    X = np.ascontiguousarray(X, dtype=schema.dtype)
-    y = np.ascontiguousarray(y, dtype=schema.dtype)
-    return Parsed(X, y, PieceMeta(len(y), n_dropped, FeatureStats.of(X)))
+        XT, y = np.ascontiguousarray(XT[:, valid]), y[valid]
+        stats = FeatureStats.of_columns(XT)
+    return Parsed(XT, y, PieceMeta(len(y), n_dropped, stats))
 
 
-Table = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # X, y, valid-row mask, first row number
+Table = tuple[np.ndarray, np.ndarray, int]  # XT (d, n), y (n,), number of the piece's first row (0-based)
 
 
-def _finite_mask(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.isfinite(X).all(axis=1) & np.isfinite(y)
+def _from_arrow(table, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """Copy the used columns of an Arrow table into ``XT`` and ``y`` of the dataset's dtype (nulls → NaN)."""
+    XT = np.empty((len(schema.features), table.num_rows), dtype=schema.dtype)
+    y = np.empty(table.num_rows, dtype=schema.dtype)
+    for out, name in [*zip(XT, schema.features, strict=True), (y, schema.target)]:
+        offset = 0
+        for chunk in table.column(name).chunks:
+            out[offset:offset + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
+            offset += len(chunk)
+    return XT, y
+
+
+def _read_bytes(piece: Piece):
+    import pyarrow as pa
+
+    with pa.OSFile(piece.path) as fh:  # straight into an Arrow buffer: half the cost of a Python read
+        fh.seek(piece.start)
+        return fh.read_buffer(piece.stop - piece.start)
 
 
 def _read_csv(piece: Piece, schema: Schema) -> Table:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    with open(piece.path, "rb") as fh:
-        fh.seek(piece.start)
-        data = fh.read(piece.stop - piece.start)
+    data = _read_bytes(piece)
     used = [*schema.features, schema.target]
     try:
         table = pacsv.read_csv(
-            pa.py_buffer(data),
+            data,
             # Parallelism comes from Dask, so pyarrow runs single-threaded; 4 MiB blocks parse ~1.5x
             # faster than one block per piece (measured: 1.49 vs 0.97 M rows/s).
             read_options=pacsv.ReadOptions(column_names=list(piece.columns), use_threads=False,
@@ -101,11 +114,8 @@ def _read_csv(piece: Piece, schema: Schema) -> Table:
                                                  include_columns=used),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        return _slow_csv(piece, schema, data, str(exc))
-    X = np.column_stack([table.column(c).to_numpy() for c in schema.features]) if schema.features else \
-        np.empty((table.num_rows, 0))
-    y = table.column(schema.target).to_numpy()
-    return X, y, _finite_mask(X, y), 0
+        return _slow_csv(piece, schema, data.to_pybytes(), str(exc))
+    return *_from_arrow(table, schema), 0
 
 
 def _first_line_number(piece: Piece) -> int:
@@ -122,13 +132,24 @@ def _first_line_number(piece: Piece) -> int:
     return count + 1
 
 
+def _cell_value(cell: str, dtype: str) -> float:
+    """A cell as the fast path reads it: Python's float() without digit underscores (``1_000``), which
+    Arrow rejects, and NaN for what does not fit the dataset's dtype."""
+    try:
+        v = math.nan if "_" in cell else float(cell)
+    except ValueError:
+        return math.nan
+    if dtype == "float32" and math.isfinite(v) and abs(v) > float(np.finfo(np.float32).max):
+        return math.inf
+    return v
+
+
 def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> Table:
     """Row-by-row parse: names the exact bad line, or drops bad rows under ``--on-invalid drop``."""
     line0 = _first_line_number(piece)
     index = {c: i for i, c in enumerate(piece.columns)}
     used = [*schema.features, schema.target]
     rows: list[list[float]] = []
-    valid: list[bool] = []
     reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace")))
     for record in reader:
         line = line0 + reader.line_num - 1
@@ -137,72 +158,87 @@ def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> 
         if len(record) != len(piece.columns):
             raise GradpipeError(f"{piece.path}: line {line} has {len(record)} fields, the header has "
                                 f"{len(piece.columns)}.")
-        values, ok = [], True
+        values = []
         for c in used:
             cell = record[index[c]].strip()
-            try:
-                v = float(cell)
-            except ValueError:
-                v = math.nan
-            if not math.isfinite(v):
-                ok = False
-                if schema.on_invalid == "error":
-                    raise GradpipeError(_cell_message(piece.path, f"line {line}", c, cell))
+            v = _cell_value(cell, schema.dtype)
+            if not math.isfinite(v) and schema.on_invalid == "error":
+                raise GradpipeError(_cell_message(piece.path, f"line {line}", c, cell, schema.dtype))
             values.append(v)
         rows.append(values)
-        valid.append(ok)
     if not rows and arrow_message:
         raise GradpipeError(f"{piece.path}: could not parse lines from {line0} on ({arrow_message}).")
-    arr = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(used))
-    return arr[:, :-1], arr[:, -1], np.asarray(valid, dtype=bool), 0
+    arr = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(used)).astype(schema.dtype)
+    return np.ascontiguousarray(arr[:, :-1].T), np.ascontiguousarray(arr[:, -1]), 0
 
 
-def _cell_message(path: str, where: str, column: str, value: str) -> str:
+def _cell_message(path: str, where: str, column: str, value: str, dtype: str = "float64") -> str:
     if value == "":
         what = "is empty"
     else:
-        try:
-            float(value)
-            what = f"is {value!r}, which is not a finite number"
-        except ValueError:
+        v = _cell_value(value, "float64")
+        if math.isnan(v) and value.strip().lower().lstrip("+-") not in ("nan",):
             what = f"is {value!r}, which is not a number"
+        elif math.isfinite(v):
+            what = f"is {value!r}, which does not fit {dtype} (ingest with --dtype float64)"
+        else:
+            what = f"is {value!r}, which is not a finite number"
     return (f"{path}: {where}, column {column!r} {what}. Fix the file, or pass --on-invalid drop to "
             f"skip such rows.")
 
 
-def _raise_invalid(piece: Piece, schema: Schema, X, y, valid, first_row: int) -> None:
+def _raise_invalid(piece: Piece, schema: Schema, XT, y, valid, first_row: int) -> None:
     if piece.fmt == "csv":
-        with open(piece.path, "rb") as fh:
-            fh.seek(piece.start)
-            data = fh.read(piece.stop - piece.start)
-        _slow_csv(piece, schema, data, "")  # raises, naming the exact line
+        _slow_csv(piece, schema, _read_bytes(piece).to_pybytes(), "")  # raises, naming the exact line
     bad = int(np.flatnonzero(~valid)[0])
-    row = np.append(X[bad], y[bad])
+    row = np.append(XT[:, bad], y[bad])
     j = int(np.flatnonzero(~np.isfinite(row))[0])
     column = [*schema.features, schema.target][j]
-    raise GradpipeError(_cell_message(piece.path, f"row {first_row + bad} (0-based)", column, str(row[j])))
+    value = "" if piece.fmt == "parquet" and _parquet_is_null(piece, column, bad) else str(row[j])
+    raise GradpipeError(_cell_message(piece.path, f"row {first_row + bad} (0-based)", column, value,
+                                      schema.dtype))
+
+
+def _parquet_is_null(piece: Piece, column: str, row: int) -> bool:
+    import pyarrow.parquet as pq
+
+    return not pq.ParquetFile(piece.path).read_row_group(piece.start, columns=[column]).column(0)[row].is_valid
 
 
 def _read_parquet(piece: Piece, schema: Schema) -> Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(piece.path)
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(piece.start))
+    used = [*schema.features, schema.target]
     try:
-        table = pf.read_row_group(piece.start, columns=[*schema.features, schema.target])
-        cols = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                for c in [*schema.features, schema.target]]
-    except Exception as exc:  # noqa: BLE001 - corrupt pages and non-numeric columns alike
-        raise GradpipeError(f"{piece.path}: row group {piece.start} cannot be read as numbers "
-                            f"({exc}).") from None
-    X = np.column_stack(cols[:-1]) if schema.features else np.empty((len(cols[-1]), 0))
-    return X, cols[-1], _finite_mask(X, cols[-1]), first_row
+        table = pf.read_row_group(piece.start, columns=used)
+    except Exception as exc:  # noqa: BLE001 - corrupt pages raise several types
+        raise GradpipeError(f"{piece.path}: row group {piece.start} cannot be read ({exc}).") from None
+    columns = {}
+    for name in used:
+        col = table.column(name)
+        try:
+            columns[name] = col.cast(pa.float64())  # safe: strings that are numbers convert, others fail
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise GradpipeError(_parquet_bad_cell(piece, name, col, first_row)) from None
+    return *_from_arrow(pa.table(columns), schema), first_row
+
+
+def _parquet_bad_cell(piece: Piece, name: str, col, first_row: int) -> str:
+    """The message for a Parquet column that is not numeric: its first value that is not a number."""
+    for i, v in enumerate(col.to_pylist()):
+        if v is not None and math.isnan(_cell_value(str(v), "float64")):
+            return _cell_message(piece.path, f"row {first_row + i} (0-based)", name, str(v))
+    return (f"{piece.path}: column {name!r} has type {col.type}, which is not numeric. Convert it to numbers, "
+            f"or leave it out with --features.")
 
 
 def _read_npy(piece: Piece, schema: Schema) -> Table:
     arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
     index = {c: i for i, c in enumerate(piece.columns)}
-    block = np.asarray(arr[piece.start:piece.stop], dtype=np.float64)
-    X = block[:, [index[c] for c in schema.features]]
-    y = block[:, index[schema.target]]
-    return X, y, _finite_mask(X, y), piece.start
+    block = arr[piece.start:piece.stop]
+    XT = np.ascontiguousarray(block[:, [index[c] for c in schema.features]].T, dtype=schema.dtype)
+    y = np.ascontiguousarray(block[:, index[schema.target]], dtype=schema.dtype)
+    return XT, y, piece.start

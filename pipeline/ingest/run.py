@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from distributed import Client, as_completed
 
+from pipeline.cluster import dask_client
 from pipeline.errors import GradpipeError
 from pipeline.ingest.parse import Parsed, Schema, file_sha256, parse_piece, piece_meta
 from pipeline.ingest.sources import Piece, discover, file_format, npy_column_names, plan_pieces, read_columns
@@ -24,6 +27,7 @@ from pipeline.store import atomic
 from pipeline.store.dataset import (
     COMPRESSORS,
     DatasetInfo,
+    chunk_files,
     chunk_rows_for,
     commit_info,
     create_arrays,
@@ -49,10 +53,15 @@ class IngestResult:
         return asdict(self)
 
 
-def ingest(sources: list[str], dataset: str | Path, target: str, client: Client, *,
+def ingest(sources: list[str], dataset: str | Path, target: str, client: Client | None = None, *,
            features: list[str] | None = None, chunk_mb: float = 64.0, dtype: str = "float64",
-           on_invalid: str = "error", replace: bool = False, compressor: str = "lz4") -> IngestResult:
-    """Ingest ``sources`` into ``dataset``: create it, append new files, or do nothing if all are known."""
+           on_invalid: str = "error", replace: bool = False, compressor: str = "lz4",
+           scheduler: str | None = None, workers: int | None = None, announce: bool = False) -> IngestResult:
+    """Ingest ``sources`` into ``dataset``: create it, append new files, or do nothing if all are known.
+
+    Without ``client``, a cluster (``scheduler``, else a LocalCluster of ``workers``) is connected only once
+    the inputs are checked and there is something to parse: bad input fails at once, a no-op stays cheap.
+    """
     t0 = time.perf_counter()
     if on_invalid not in ("error", "drop"):
         raise GradpipeError(f"--on-invalid must be 'error' or 'drop', not {on_invalid!r}.")
@@ -62,15 +71,24 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client,
         raise GradpipeError(f"--compressor must be one of {', '.join(COMPRESSORS)}, not {compressor!r}.")
     if chunk_mb <= 0:
         raise GradpipeError(f"--chunk-mb must be positive, not {chunk_mb}.")
+    if features is not None:
+        _check_feature_list(features)
     path = Path(dataset).absolute()
     files = discover(sources)
+    target = _target_name(target, files[0])
     with atomic.locked(path):
         atomic.remove_stale_staging(path)
         old = read_info(path) if path.exists() else None  # raises if it is not a dataset
+        if old is not None:
+            _check_same_schema(old, target, features)
         new_files, skipped = _classify(files, old, replace)
         known = [Path(m["path"]) for m in old.manifest] if old else []
         if replace and set(known) & set(new_files):
             # A replaced file's rows sit in the middle of the dataset: rebuild from every source.
+            gone = [f for f in known if not f.is_file()]
+            if gone:
+                raise GradpipeError(f"--replace rebuilds {path} from all its sources, but {gone[0]} (in its "
+                                    f"manifest) no longer exists. Restore it, or ingest into a new dataset.")
             new_files = list(dict.fromkeys([*known, *new_files]))
             skipped, base = [], None
             features = features or old.feature_names
@@ -84,13 +102,62 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client,
         schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid)
         staged = atomic.staging_path(path)
         try:
-            info, dropped = _build(staged, path, base, new_files, schema, client, chunk_mb, compressor)
+            with _connected(client, scheduler, workers, announce) as c:
+                info, dropped = _build(staged, path, base, new_files, schema, c, chunk_mb, compressor)
             atomic.commit(staged, path)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     return IngestResult(str(path), info.n_rows, info.n_features, info.feature_names,
                         appended_files=[str(f) for f in new_files], skipped_files=[str(f) for f in skipped],
                         dropped_rows=dropped, seconds=time.perf_counter() - t0)
+
+
+@contextmanager
+def _connected(client: Client | None, scheduler: str | None, workers: int | None,
+               announce: bool) -> Iterator[Client]:
+    if client is not None:
+        yield client
+        return
+    with dask_client(scheduler, workers, announce=announce) as c:
+        yield c
+
+
+def _check_feature_list(features: list[str]) -> None:
+    if not features:
+        raise GradpipeError("--features names no column; give at least one, or leave it out to use every "
+                            "column but the target.")
+    seen: set[str] = set()
+    dupes = sorted({c for c in features if c in seen or seen.add(c)})
+    if dupes:
+        raise GradpipeError(f"--features lists {dupes} more than once.")
+
+
+def _check_same_schema(old: DatasetInfo, target: str, features: list[str] | None) -> None:
+    """Appending (or re-ingesting) must not silently ignore a --target or --features the dataset lacks."""
+    if target != old.target:
+        raise GradpipeError(f"--target {target!r} differs from the dataset's target {old.target!r}.")
+    if features is not None and features != old.feature_names:
+        raise GradpipeError(f"--features {features} differ from the dataset's features {old.feature_names}.")
+
+
+def file_identity(path: Path) -> dict[str, int | float]:
+    """What tells, without reading it, that a file is the one ingested: size, mtime, ctime and inode.
+
+    ctime cannot be set by users (``touch -r`` and ``cp -p`` restore mtime, not ctime), so a file whose
+    content may have changed is always re-hashed.
+    """
+    st = path.stat()
+    return {"size": st.st_size, "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
+
+
+def _target_name(target: str, first: Path) -> str:
+    """``--target`` as a column name: for .npy sources an index (``2``, ``-1``) names column ``col2``…"""
+    if file_format(first) == "npy" and target.lstrip("-").isdigit():
+        columns = read_columns(first)
+        if -len(columns) <= int(target) < len(columns):
+            return npy_column_names(len(columns))[int(target)]
+    return target
 
 
 def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tuple[list[Path], list[Path]]:
@@ -102,11 +169,11 @@ def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tupl
         if entry is None:
             new.append(f)
             continue
-        st = f.stat()
-        if st.st_size == entry["size"] and st.st_mtime == entry["mtime"]:
+        ident = file_identity(f)
+        if all(entry.get(k) == v for k, v in ident.items() if k != "mtime"):
             skipped.append(f)
-        elif file_sha256(str(f)) == entry["sha256"]:
-            skipped.append(f)  # touched, same bytes
+        elif ident["size"] == entry["size"] and file_sha256(str(f)) == entry["sha256"]:
+            skipped.append(f)  # touched, copied or moved back: same bytes
         elif replace:
             new.append(f)
         else:
@@ -119,15 +186,8 @@ def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, fe
                     dtype: str, on_invalid: str) -> Schema:
     columns = read_columns(files[0])
     explicit = features is not None
-    if file_format(files[0]) == "npy" and target.lstrip("-").isdigit():
-        target = npy_column_names(len(columns))[int(target)] if -len(columns) <= int(target) < len(columns) \
-            else target
-    if base is not None:
-        if target != base.target:
-            raise GradpipeError(f"--target {target!r} differs from the dataset's target {base.target!r}.")
+    if base is not None:  # target and features were checked against it (_check_same_schema)
         features = features or base.feature_names
-        if features != base.feature_names:
-            raise GradpipeError(f"--features differ from the dataset's features {base.feature_names}.")
         dtype = base.dtype
     if target not in columns:
         raise GradpipeError(f"--target {target!r} is not a column of {files[0]} "
@@ -165,8 +225,13 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     else:
         chunk_rows, n_old = base.chunk_rows, base.n_rows
         atomic.link_copy(live, staged)
+        if n_old % chunk_rows:  # the partial last chunk is rewritten, filled up with new rows
+            for f in chunk_files(staged, n_old // chunk_rows):
+                atomic.unshare(f)
         resize_rows(staged, n_old + bound)
-    # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache.
+    # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache. The
+    # identity is taken first: a file modified during ingest then looks changed and is re-hashed next time.
+    identities = {str(f): file_identity(f) for f in files}
     hashes = {str(f): client.submit(file_sha256, str(f), pure=False, priority=-(10**9)) for f in files}
     metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows)
     n_total = n_old + sum(m.n_rows for m in metas)
@@ -182,10 +247,8 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
         fm = metas[i:i + len(ps)]
         i += len(ps)
         rows = sum(m.n_rows for m in fm)
-        st = f.stat()
-        manifest.append({"path": str(f), "size": st.st_size, "mtime": st.st_mtime,
-                         "sha256": hashes[str(f)].result(), "rows": rows, "row_start": row,
-                         "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
+        manifest.append({"path": str(f), **identities[str(f)], "sha256": hashes[str(f)].result(), "rows": rows,
+                         "row_start": row, "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
         row += rows
     info = DatasetInfo(str(live), schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
                        manifest)
@@ -258,14 +321,23 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
 
 
 def _write_segments(store: str, chunk: int, chunk_rows: int, segments: list) -> int:
-    """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk."""
-    xs, ys = [], []
+    """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk.
+
+    Parsed pieces are feature-major; the transpose into the row-major chunk is the only copy.
+    """
+    parts = []
     for src, lo, hi in segments:
         if src is None:
-            X, y = read_rows(store, lo, hi)
+            parts.append(read_rows(store, lo, hi))
         else:
             assert isinstance(src, Parsed)
-            X, y = src.X[lo:hi], src.y[lo:hi]
-        xs.append(X)
-        ys.append(y)
-    return write_chunk(store, chunk, chunk_rows, np.concatenate(xs), np.concatenate(ys))
+            parts.append((src.XT[:, lo:hi].T, src.y[lo:hi]))
+    n = sum(len(y) for _, y in parts)
+    X = np.empty((n, parts[0][0].shape[1]), dtype=parts[0][1].dtype)
+    y = np.empty(n, dtype=X.dtype)
+    offset = 0
+    for Xp, yp in parts:
+        X[offset:offset + len(yp)] = Xp
+        y[offset:offset + len(yp)] = yp
+        offset += len(yp)
+    return write_chunk(store, chunk, chunk_rows, X, y)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import os
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -67,12 +68,17 @@ def npy_column_names(n_columns: int) -> list[str]:
 def read_columns(path: Path) -> list[str]:
     """The file's column names (CSV header, Parquet schema, or ``col0..`` for a 2-D .npy)."""
     fmt = file_format(path)
+    if not path.is_file():
+        raise GradpipeError(f"{path} does not exist (it may have been moved or deleted).")
     if path.stat().st_size == 0:
         raise GradpipeError(f"{path} is empty.")
+    if not os.access(path, os.R_OK):
+        raise GradpipeError(f"{path} is not readable (permission denied).")
     if fmt == "csv":
         with open(path, "rb") as fh:
             first = fh.readline()
-        header = next(csv.reader(io.StringIO(first.decode("utf-8", errors="replace"))), [])
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        header = next(csv.reader(io.StringIO(first.decode("utf-8-sig", errors="replace"))), [])
         columns = [c.strip() for c in header]
         if not columns or not any(columns):
             raise GradpipeError(f"{path}: line 1 is not a header row.")
@@ -153,5 +159,6 @@ def _plan_csv(path: Path, size: int, columns: tuple[str, ...]) -> tuple[list[Pie
         if not fh.read(PIECE_BYTES).strip():
             return [], 0
     pieces = [Piece(str(path), "csv", i, a, b, columns) for i, (a, b) in enumerate(pairwise(bounds)) if b > a]
-    # every row holds n_columns values and n_columns-1 separators plus a newline: at least 2*n_columns bytes
-    return pieces, (size - start) // (2 * len(columns)) + 1
+    # A row holds n_columns-1 separators and a newline, so at least n_columns bytes even with empty cells
+    # (the last line may lack its newline: +1). Blank lines hold no row.
+    return pieces, (size - start) // len(columns) + 1

@@ -1,8 +1,8 @@
 """Atomic replacement of a directory store: build a staged copy, then swap it in with one syscall.
 
 A dataset is never edited in place. An append hard-links the existing chunk files into a staging
-directory (free, and safe because Zarr's LocalStore writes by temp-file + rename, which replaces a link
-instead of writing through it), writes new chunks and metadata there, and finally exchanges the two
+directory (free), gives every file it will rewrite a private copy first (``unshare``: a write through a
+link would change the live store too), writes new chunks and metadata there, and finally exchanges the two
 directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``). A crash or SIGKILL at any moment leaves
 the live store byte-for-byte as it was; a left-over staging directory is removed by the next ingest.
 """
@@ -48,6 +48,14 @@ def link_copy(src: Path, dst: Path) -> None:
                 shutil.copy2(s, d)
 
     shutil.copytree(src, dst, copy_function=copy)
+
+
+def unshare(path: Path) -> None:
+    """Replace a hard-linked file with a private copy, so writing it cannot touch the other links."""
+    if path.exists() and path.stat().st_nlink > 1:
+        tmp = path.with_name(f".{path.name}.unshare-{uuid.uuid4().hex[:8]}")
+        shutil.copy2(path, tmp)
+        os.replace(tmp, path)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -114,9 +114,20 @@ def write_chunk(path: str, index: int, chunk_rows: int, X: np.ndarray, y: np.nda
     """Write rows ``[index*chunk_rows, index*chunk_rows + len(X))``: exactly one Zarr chunk per call."""
     group = zarr.open_group(path, mode="r+")
     start = index * chunk_rows
+    if len(X) > chunk_rows or start + len(X) > group["X"].shape[0]:
+        # Zarr would silently drop rows past the end of the array; never let a bad size estimate lose data.
+        raise RuntimeError(f"chunk {index} with {len(X)} rows does not fit the array of "
+                           f"{group['X'].shape[0]} rows (chunk_rows {chunk_rows})")
     group["X"][start:start + len(X)] = X
     group["y"][start:start + len(y)] = y
     return len(X)
+
+
+def chunk_files(path: Path, index: int) -> list[Path]:
+    """The files that hold row chunk ``index`` of X and y (they may not exist yet)."""
+    group = zarr.open_group(str(path), mode="r")
+    return [path / name / group[name].metadata.encode_chunk_key((index,) + (0,) * (group[name].ndim - 1))
+            for name in ("X", "y")]
 
 
 def read_rows(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
