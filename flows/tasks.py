@@ -21,7 +21,7 @@ from pipeline import losses
 from pipeline.cluster import dask_client
 from pipeline.evaluate import evaluate, load_model
 from pipeline.ingest import ingest
-from pipeline.publish import decide, latest_completed_run, publish, read_published
+from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published
 from pipeline.report import loss_curve_png, markdown
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
@@ -89,8 +89,8 @@ def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[s
             init = (warm["coef"], warm["intercept"]) if warm else None
             result = train(s.dataset, s.train, client=client, runs_dir=s.runs_dir, run_id=run_id, init=init,
                            on_iteration=on_iteration)
-            if warm:
-                RunStore.open(path, mode="r+").annotate(warm_start=warm["run_id"])
+    if warm:  # also after a resumed retry: the run started from the warm point either way
+        RunStore.open(path, mode="r+").annotate(warm_start=warm["run_id"])
     log.info("run %s: %s after %d iterations, loss %.10g (%s)", run_id, result.status, result.n_iter, result.loss,
              result.message)
     return result.to_json()
@@ -110,23 +110,24 @@ def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: 
     """Quality gate: re-evaluate the published model on today's data; publish the new one if not worse."""
     s = Settings.from_dict(settings)
     log = get_run_logger()
-    published = read_published(s.models_dir)
-    old_metrics, old_run = None, None
-    if published is not None:
-        old_run = published["run_id"]
-        old_path = s.runs_dir / f"{old_run}.zarr"
-        if old_path.exists():
-            with dask_client(address, announce=False) as client:
-                old_metrics = evaluate(old_path, s.dataset, client)
-        else:
-            old_metrics = published["metrics"]
-    decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance)
-    log.info("publish %s: %s", "yes" if decision.publish else "no", decision.reason)
-    store = RunStore.open(run_uri, mode="r+")
-    store.annotate(metrics=metrics, publish=decision.to_json())
-    if decision.publish:
-        target = publish(s.models_dir, load_model(run_uri), metrics)
-        log.info("published %s", target)
+    with exclusive(s.models_dir):
+        published = read_published(s.models_dir)
+        old_metrics, old_run = None, None
+        if published is not None:
+            old_run = published["run_id"]
+            old_path = s.runs_dir / f"{old_run}.zarr"
+            if old_path.exists():
+                with dask_client(address, announce=False) as client:
+                    old_metrics = evaluate(old_path, s.dataset, client)
+            else:
+                old_metrics = published["metrics"]
+        decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance)
+        log.info("publish %s: %s", "yes" if decision.publish else "no", decision.reason)
+        store = RunStore.open(run_uri, mode="r+")
+        store.annotate(metrics=metrics, publish=decision.to_json())
+        if decision.publish:
+            target = publish(s.models_dir, load_model(run_uri), metrics)
+            log.info("published %s", target)
     return decision.to_json()
 
 

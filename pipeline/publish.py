@@ -3,9 +3,12 @@ not worse than the published one, both judged on the same (current) data."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,19 @@ def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[st
     verdict = "not worse than" if ok else "worse than"
     return Decision(ok, metric, new, old, published_run,
                     f"{metric} {new:.6g} is {verdict} the published {old:.6g} (run {published_run})")
+
+
+@contextmanager
+def exclusive(models_dir: Path) -> Iterator[None]:
+    """One quality gate at a time per model: two overlapping runs must not both judge against the same old
+    ``latest.json`` and let the slower writer win. Blocks until the other gate is done."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".publish.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_published(models_dir: Path) -> dict[str, Any] | None:
@@ -78,7 +94,7 @@ def latest_completed_run(runs_dir: Path, dataset_uri: str, model: str) -> RunSto
         attrs = store.attrs
         if (attrs.get("dataset", {}).get("uri") == dataset_uri and attrs.get("config", {}).get("model") == model
                 and attrs.get("status") in ("converged", "max_iter", "time_budget") and store.committed >= 0):
-            mtime = (path / "zarr.json").stat().st_mtime
-            if best is None or mtime > best[0]:
-                best = (mtime, store)
+            started = float(attrs.get("started", 0.0))  # not a file time: annotating or resuming changes those
+            if best is None or started > best[0]:
+                best = (started, store)
     return None if best is None else best[1]

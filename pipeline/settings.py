@@ -109,8 +109,8 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
             # fields whose default is None (tol, time_budget) are numbers; lr may be "auto"
             like = default if default is not None else 0.0
             data["train"][name] = environ[key] if name == "lr" else _coerce(environ[key], like)
-    if "DASK_SCHEDULER_ADDRESS" in environ and "scheduler" not in data:
-        data["scheduler"] = environ["DASK_SCHEDULER_ADDRESS"]
+    if environ.get("DASK_SCHEDULER_ADDRESS") and f"{ENV_PREFIX}SCHEDULER" not in environ:
+        data["scheduler"] = environ["DASK_SCHEDULER_ADDRESS"]  # Dask's own variable: the environment level
     for key, value in (overrides or {}).items():
         if value is None:
             continue

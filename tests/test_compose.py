@@ -133,7 +133,7 @@ def test_every_command_is_one_the_project_ships(config):
 
 def test_healthchecks_and_start_order(config):
     svcs = config["services"]
-    for name in ("scheduler", "prefect-server"):
+    for name in SERVICES:
         assert svcs[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert "/api/health" in " ".join(svcs["prefect-server"]["healthcheck"]["test"])
     for name, svc in svcs.items():
@@ -142,7 +142,18 @@ def test_healthchecks_and_start_order(config):
                 assert svcs[dep].get("healthcheck"), f"{name} waits for {dep} to be healthy; it has no healthcheck"
     assert svcs["worker"]["depends_on"]["scheduler"]["condition"] == "service_healthy"
     flows = svcs["flows"]["depends_on"]
-    assert flows["scheduler"]["condition"] == flows["prefect-server"]["condition"] == "service_healthy"
+    assert {flows[s]["condition"] for s in ("scheduler", "worker", "prefect-server")} == {"service_healthy"}
+
+
+def test_worker_memory_is_bounded_twice(config):
+    """Dask's --memory-limit below the container's own limit: Dask restarts a worker before the OOM killer."""
+    from dask.utils import parse_bytes
+
+    worker = config["services"]["worker"]
+    argv = worker["command"]
+    dask_limit = parse_bytes(argv[argv.index("--memory-limit") + 1])
+    container = int(worker["deploy"]["resources"]["limits"]["memory"])
+    assert 0 < dask_limit < container, (dask_limit, container)
 
 
 def test_two_workers_and_the_flows_point_at_the_services(config):

@@ -9,6 +9,7 @@ import urllib.request
 
 from pipeline.cluster import dask_client
 from pipeline.config import TrainConfig
+from pipeline.errors import GradpipeError
 from pipeline.ingest import ingest
 from pipeline.store.runs import RunStore
 from pipeline.training import train
@@ -19,6 +20,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def committed(path) -> int:
+    """The run's committed iteration, or -1 while its store is still being created."""
+    try:
+        return RunStore.open(path).committed
+    except GradpipeError:  # no store yet, or its attributes are not written yet
+        return -1
 
 
 def test_dashboard_is_live_during_training(tmp_path, capsys):
@@ -34,8 +43,7 @@ def test_dashboard_is_live_during_training(tmp_path, capsys):
         worker.start()
         try:
             deadline = time.monotonic() + 60
-            while not (tmp_path / "runs" / "dash.zarr").exists() or RunStore.open(
-                    tmp_path / "runs" / "dash.zarr").committed < 3:
+            while committed(tmp_path / "runs" / "dash.zarr") < 3:
                 assert time.monotonic() < deadline and worker.is_alive(), "training did not start"
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port}"

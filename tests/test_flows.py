@@ -105,3 +105,39 @@ def test_failed_train_attempt_is_retried_and_resumes(raw, scheduler, prefect_ser
     a, b = RunStore.open(result["train"]["run_uri"]), RunStore.open(ref["train"]["run_uri"])
     for name in ("theta", "loss", "grad_norm", "lr"):
         assert np.array_equal(a.column(name), b.column(name)), name
+
+
+def test_the_standalone_flows_chain_ingest_train_evaluate(raw, scheduler, prefect_server):
+    from flows.pipeline import evaluate_flow, ingest_flow, train_flow
+
+    cfg = settings_for(raw, scheduler)
+    ingested = ingest_flow(cfg)
+    assert (ingested["n_rows"], ingested["n_features"]) == (3000, 4)
+    trained = train_flow(cfg, run_id="standalone")
+    assert trained["run_id"] == "standalone" and trained["status"] == "converged"
+    np.testing.assert_allclose(trained["coef"], lstsq([raw / "raw" / "a.csv"])[:-1], rtol=1e-6)  # as above
+    metrics = evaluate_flow(trained["run_uri"], cfg)
+    # R² from the lstsq residuals (an independent reference). SSR is quadratic around the optimum, so the
+    # ~1e-9 relative coefficient error of a gtol-1e-8 run moves R² by far less than 1e-9.
+    rows = np.loadtxt(raw / "raw" / "a.csv", delimiter=",", skiprows=1)
+    resid = rows[:, -1] - np.column_stack([rows[:, :-1], np.ones(len(rows))]) @ lstsq([raw / "raw" / "a.csv"])
+    r2 = 1 - resid @ resid / ((rows[:, -1] - rows[:, -1].mean()) ** 2).sum()
+    assert metrics["r2"] == pytest.approx(r2, rel=1e-9)
+    assert not (raw / "data" / "models").exists()  # only pipeline_flow publishes
+
+
+def test_warm_start_is_recorded_when_the_retry_resumes(raw, scheduler, prefect_server):
+    first = pipeline_flow(settings_for(raw, scheduler))
+    write_csv(raw / "raw" / "b.csv", X[3000:], Y[3000:])
+
+    def fault(attempt: int, t: int, rec: dict) -> None:
+        if attempt == 1 and t == 2:
+            raise RuntimeError("injected fault at iteration 2")
+
+    tasks.ITERATION_HOOKS.append(fault)
+    try:
+        second = pipeline_flow(settings_for(raw, scheduler, solver="momentum", max_iter=10, tol=0.0, gtol=0.0))
+    finally:
+        tasks.ITERATION_HOOKS.remove(fault)
+    assert second["warm_start"] == first["train"]["run_id"]
+    assert RunStore.open(second["train"]["run_uri"]).attrs["warm_start"] == first["train"]["run_id"]

@@ -30,6 +30,16 @@ def test_precedence_and_absolute_paths(tmp_path, monkeypatch):
     assert s.dataset == tmp_path / "data" / "datasets" / "flag.zarr"
 
 
+def test_scheduler_from_the_environment_beats_the_file(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('scheduler = "tcp://file:1"\n')
+    assert load(cfg, environ={}).scheduler == "tcp://file:1"
+    assert load(cfg, environ={"DASK_SCHEDULER_ADDRESS": "tcp://dask-env:2"}).scheduler == "tcp://dask-env:2"
+    both = {"DASK_SCHEDULER_ADDRESS": "tcp://dask-env:2", "GRADPIPE_SCHEDULER": "tcp://ours:3"}
+    assert load(cfg, environ=both).scheduler == "tcp://ours:3"  # our own variable is the more specific
+    assert load(cfg, {"scheduler": "tcp://flag:4"}, environ=both).scheduler == "tcp://flag:4"
+
+
 def test_example_file_loads():
     s = load(REPO / "gradpipe.example.toml", environ={})
     assert s.name == "demo" and s.train.model == "linear"

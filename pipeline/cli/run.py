@@ -92,5 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron or "0 * * * *"}
     print(f"serving deployment gradpipe-pipeline/{args.deployment} {schedule} against "
           f"{os.environ['PREFECT_API_URL']}", file=sys.stderr, flush=True)
-    pipeline_flow.serve(name=args.deployment, parameters={"settings": settings.to_dict()}, **schedule)
+    # limit=1: a run that overruns its interval delays the next one instead of racing it over the same
+    # dataset (prefect.yaml says the same with concurrency_limit: 1)
+    pipeline_flow.serve(name=args.deployment, parameters={"settings": settings.to_dict()}, limit=1, **schedule)
     return 0
