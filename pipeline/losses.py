@@ -363,6 +363,21 @@ def penalty(theta: np.ndarray, l2: float, scale: np.ndarray | None = None) -> tu
     return 0.5 * l2 * float(w_orig @ w_orig), grad
 
 
+def hessian_bound(model: str, gram: np.ndarray, l2: float = 0.0, scale: np.ndarray | None = None) -> np.ndarray:
+    """A matrix H with H ⪰ ∇²L(θ) for every θ, from the mean Gram matrix ``gram`` of ``[(x-mean)/scale, 1]``.
+
+    Linear: the Hessian, ``gram``. Logistic: ℓ'' ≤ 1/4, so ``gram/4``. The penalty adds ``l2/scale²`` on the
+    weights' diagonal (it acts on original-space weights ``w/scale``); the intercept gets none.
+    """
+    _get_model(model)
+    gram = np.asarray(gram, dtype=np.float64)
+    d = gram.shape[0] - 1
+    _, s = _check_scaling(d, None, scale)
+    H = gram * (1.0 if model == "linear" else 0.25)
+    H[np.arange(d), np.arange(d)] += l2 / s**2
+    return H
+
+
 def to_original(
     theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
 ) -> tuple[np.ndarray, float]:

@@ -27,7 +27,36 @@ class Objective(Protocol):
 
     def full(self, theta: np.ndarray) -> tuple[float, np.ndarray]: ...
     def subset(self, theta: np.ndarray, positions: list[int]) -> tuple[float, np.ndarray]: ...
-    def lipschitz(self) -> tuple[float, float]: ...
+    def hessian_bound(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Curvature:
+    L: float  # largest eigenvalue of P^½ H P^½
+    mu: float  # smallest (≥ 0)
+    P: np.ndarray  # per-coordinate step scale: the step is -η·P⊙∇L
+
+
+def curvature(H: np.ndarray, precondition: bool = True) -> Curvature:
+    """Extreme eigenvalues of the Hessian bound ``H``, after a Jacobi preconditioner ``P = 1/diag(H)``.
+
+    Why the preconditioner: the L2 penalty acts on original-space weights, so a feature of scale s adds λ/s²
+    to its diagonal of H. One global step must then follow the stiffest coordinate while the others crawl
+    (measured: ridge λ=0.1 with a feature of scale 6e-3 was still at loss 8.5e8 after 3000 iterations, the
+    optimum being 0.84). With P every diagonal entry of the scaled H is 1, so a step from its spectrum needs
+    no tuning whatever the penalty and the feature scales, standardized or not. Coordinates with no
+    curvature (a constant feature, unpenalized) keep P = 1.
+    """
+    diag = np.diag(H)
+    P = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 1.0) if precondition else np.ones(len(diag))
+    r = np.sqrt(P)
+    eig = np.linalg.eigvalsh(H * np.outer(r, r))
+    return Curvature(float(eig[-1]), max(float(eig[0]), 0.0), P)
+
+
+def _precond(resume: dict[str, Any], n: int) -> np.ndarray:
+    saved = resume.get("precond")
+    return np.ones(n) if saved is None else np.asarray(saved, dtype=np.float64)
 
 
 @dataclass
@@ -71,16 +100,19 @@ class Solver(ABC):
 
 
 class GradientDescent(Solver):
-    """Full-batch GD. ``lr='auto'``: step from the exact Lipschitz constant of the standardized problem
-    (one Gram pass at start), kept safe by an Armijo test on the loss that the next gradient's pass
-    computes anyway — a rejected step costs one extra pass, which ``passes`` reports."""
+    """Full-batch GD. ``lr='auto'``: a Jacobi-preconditioned step from the exact spectrum of the Hessian
+    bound (one Gram pass at start, see ``curvature``), kept safe by an Armijo test on the loss that the next
+    gradient's pass computes anyway — a rejected step costs one extra pass, which ``passes`` reports.
+    A fixed ``--lr`` is plain GD, θ ← θ − η∇L."""
 
     name = "gd"
 
     def start(self, theta0: np.ndarray) -> Row:
+        self.P = np.ones(self.n_params)
         if self.cfg.lr == "auto":
-            L, mu = self.obj.lipschitz()
-            self.eta = 2.0 / (L + mu) if self.cfg.model == "linear" else 1.0 / L
+            cv = curvature(self.obj.hessian_bound())
+            self.P = cv.P
+            self.eta = 2.0 / (cv.L + cv.mu) if self.cfg.model == "linear" else 1.0 / cv.L
         else:
             self.eta = float(self.cfg.lr)
         return super().start(theta0)
@@ -88,15 +120,17 @@ class GradientDescent(Solver):
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
         self.eta = float(resume["eta"])
+        self.P = _precond(resume, self.n_params)
 
     def resume_state(self) -> dict[str, Any]:
-        return {"eta": self.eta}
+        return {"eta": self.eta, "precond": self.P.tolist()}
 
     def step(self) -> Row:
         cur = self.row
-        gg = float(cur.grad @ cur.grad)
+        direction = self.P * cur.grad
+        gg = float(cur.grad @ direction)
         while True:
-            theta = cur.theta - self.eta * cur.grad
+            theta = cur.theta - self.eta * direction
             loss, grad = self.obj.full(theta)
             if self.cfg.lr != "auto" or not math.isfinite(cur.loss):
                 break
@@ -120,6 +154,7 @@ class FirstOrder(Solver):
 
     def start(self, theta0: np.ndarray) -> Row:
         row = super().start(theta0)
+        self.P = np.ones(self.n_params)
         self.eta = self._initial_lr(row.grad)
         self._build()
         self.opt_state = self.opt.init(theta0)
@@ -129,11 +164,13 @@ class FirstOrder(Solver):
     def _initial_lr(self, grad0: np.ndarray) -> float:
         if self.cfg.lr != "auto":
             return float(self.cfg.lr)
-        L, _ = self.obj.lipschitz()
         if self.cfg.solver == "adam":
-            # Adam's steps are ~lr per coordinate: start from the size of a safe GD step.
+            # Adam scales each coordinate itself (no preconditioner): start from the size of a safe GD step.
+            L = curvature(self.obj.hessian_bound(), precondition=False).L
             return max(float(np.max(np.abs(grad0))) / L, 1e-8)
-        return 1.0 / L
+        cv = curvature(self.obj.hessian_bound())  # momentum / Nesterov follow the preconditioned gradient
+        self.P = cv.P
+        return 1.0 / cv.L
 
     def _build(self) -> None:
         if self.cfg.solver == "adam":
@@ -150,16 +187,17 @@ class FirstOrder(Solver):
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
         self.eta = float(resume["eta"])
+        self.P = _precond(resume, self.n_params)
         self._build()
         arrays = {**row.state, "count": np.asarray(resume["count"], dtype=np.int64)}
         self.opt_state = optim.state_from_arrays(self.opt, arrays)
 
     def resume_state(self) -> dict[str, Any]:
-        return {"eta": self.eta, "count": int(self.opt_state.count)}
+        return {"eta": self.eta, "count": int(self.opt_state.count), "precond": self.P.tolist()}
 
     def step(self) -> Row:
         cur = self.row
-        updates, self.opt_state = self.opt.update(cur.grad, self.opt_state, cur.theta)
+        updates, self.opt_state = self.opt.update(self.P * cur.grad, self.opt_state, cur.theta)
         theta = optim.apply_updates(cur.theta, updates)
         loss, grad = self.obj.full(theta)
         self.row = Row(theta, loss, grad, self.eta, self.initial_state())
@@ -175,7 +213,12 @@ class MiniBatchSGD(Solver):
 
     def start(self, theta0: np.ndarray) -> Row:
         self._split()
-        self.eta0 = float(self.cfg.lr) if self.cfg.lr != "auto" else 1.0 / self.obj.lipschitz()[0]
+        self.P = np.ones(self.n_params)
+        if self.cfg.lr == "auto":
+            cv = curvature(self.obj.hessian_bound())
+            self.eta0, self.P = 1.0 / cv.L, cv.P
+        else:
+            self.eta0 = float(self.cfg.lr)
         self.eta, self.epoch, self.cursor, self.t = self.eta0, 0, 0, 0
         self.best, self.no_change, self.epoch_loss, self.epoch_rows = math.inf, 0, 0.0, 0
         self.stop_reason: str | None = None
@@ -189,8 +232,10 @@ class MiniBatchSGD(Solver):
         n = self.obj.n_chunks
         held = math.ceil(self.cfg.validation_fraction * n) if self.cfg.early_stopping else 0
         if self.cfg.early_stopping and held >= n:
-            raise GradpipeError(f"--early-stopping needs at least 2 chunks; the dataset has {n}. Lower "
-                                f"--chunk-mb at ingest or turn early stopping off.")
+            raise GradpipeError(
+                f"--early-stopping holds out {held} of the dataset's {n} chunks (--validation-fraction "
+                f"{self.cfg.validation_fraction:g}), leaving none to train on. Lower --validation-fraction, "
+                f"ingest with a smaller --chunk-mb for more chunks, or turn early stopping off.")
         order = np.random.default_rng([self.cfg.seed, 2**31]).permutation(n)
         self.valid = sorted(int(i) for i in order[:held])
         self.train = sorted(int(i) for i in order[held:])
@@ -206,7 +251,7 @@ class MiniBatchSGD(Solver):
         return {"eta": self.eta, "eta0": self.eta0, "epoch": self.epoch, "cursor": self.cursor, "t": self.t,
                 "best": self.best if math.isfinite(self.best) else None, "no_change": self.no_change,
                 "epoch_loss": self.epoch_loss, "epoch_rows": self.epoch_rows, "batch": self.batch,
-                "stop_reason": self.stop_reason}
+                "stop_reason": self.stop_reason, "precond": self.P.tolist()}
 
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
@@ -215,6 +260,7 @@ class MiniBatchSGD(Solver):
         for key in ("epoch", "cursor", "t", "no_change", "epoch_rows"):
             setattr(self, key, int(resume[key]))
         self.best = math.inf if resume["best"] is None else float(resume["best"])
+        self.P = _precond(resume, self.n_params)
         self._split()
         self.batch = resume["batch"]
         self.stop_reason = resume["stop_reason"]
@@ -227,7 +273,7 @@ class MiniBatchSGD(Solver):
     def step(self) -> Row:
         cur = self.row
         eta = self._lr()
-        theta = cur.theta - eta * cur.grad
+        theta = cur.theta - eta * (self.P * cur.grad)
         self.t += 1
         self.epoch_loss += cur.loss * len(self.batch)
         self.epoch_rows += len(self.batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -44,8 +45,7 @@ def _gram(X, y, mean, scale) -> np.ndarray:
 
 
 def _non_binary(X, y) -> np.ndarray:
-    bad = (y != 0) & (y != 1)
-    return np.array([bad.sum(), y[bad][0] if bad.any() else 0.0])
+    return np.array([np.count_nonzero((y != 0) & (y != 1))], dtype=np.float64)
 
 
 class ClusterObjective:
@@ -56,6 +56,7 @@ class ClusterObjective:
         self.n_chunks = len(engine.layout)
         self.n_rows = engine.n_rows
         self.passes = 0.0
+        self.hessian: np.ndarray | None = None
 
     def _finish(self, sums: np.ndarray, theta: np.ndarray) -> tuple[float, np.ndarray]:
         return losses.mean_loss_and_grad(self.model, sums, sums[-1], theta, self.l2, self.scale)
@@ -69,17 +70,14 @@ class ClusterObjective:
         sums = self.engine.map_reduce(_sums, self.model, theta, self.mean, self.scale, positions=positions)
         return self._finish(sums, theta)
 
-    def lipschitz(self) -> tuple[float, float]:
-        """(L, μ): extreme eigenvalues of the Hessian bound; exact for linear, L/4-scaled for logistic."""
-        if not hasattr(self, "_lip"):
+    def hessian_bound(self) -> np.ndarray:
+        """H ⪰ ∇²L everywhere, from one Gram pass (cached): the Hessian itself for linear, G/4 for logistic,
+        plus the penalty's λ/s² on the weights' diagonal."""
+        if self.hessian is None:
             self.passes += 1
             gram = self.engine.map_reduce(_gram, self.mean, self.scale) / self.n_rows
-            eig = np.linalg.eigvalsh(gram)
-            inv_s2 = 1.0 if self.scale is None else float(np.max(1.0 / self.scale**2))
-            pen = self.l2 * inv_s2
-            factor = 1.0 if self.model == "linear" else 0.25
-            self._lip = (factor * float(eig[-1]) + pen, factor * max(float(eig[0]), 0.0))
-        return self._lip
+            self.hessian = losses.hessian_bound(self.model, gram, self.l2, self.scale)
+        return self.hessian
 
 
 @dataclass
@@ -158,12 +156,23 @@ def _engine(client: Client, ds, config: TrainConfig) -> ChunkEngine:
                        fan_in=config.fan_in)
 
 
-def _check_target(engine: ChunkEngine, model: str, target: str) -> None:
+def _check_target(engine: ChunkEngine, model: str, ds) -> None:
     if model == "logistic":
-        bad, example = engine.map_reduce(_non_binary)
+        (bad,) = engine.map_reduce(_non_binary)  # counts are sums: they survive the tree
         if bad:
-            raise GradpipeError(f"--model logistic needs a 0/1 target; column {target!r} holds {int(bad)} other "
-                                f"values (e.g. {example:g}). Use --model linear or recode the target.")
+            example, row = _first_non_binary(ds)
+            raise GradpipeError(f"--model logistic needs a 0/1 target; column {ds.target!r} holds {int(bad)} other "
+                                f"values (e.g. {example:g} in row {row}). Use --model linear or recode the target.")
+
+
+def _first_non_binary(ds) -> tuple[float, int]:
+    """An example for the message, read on the driver chunk by chunk (error path only)."""
+    for start in range(0, ds.n_rows, ds.chunk_rows):
+        y = ds.y[start:start + ds.chunk_rows].compute(scheduler="sync")
+        bad = np.flatnonzero((y != 0) & (y != 1))
+        if bad.size:
+            return float(y[bad[0]]), start + int(bad[0])
+    raise AssertionError("the cluster counted non-0/1 targets that the driver cannot find")
 
 
 def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Client | None = None,
@@ -184,7 +193,7 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
     mean, scale = _standardization(ds, config.standardize)
     engine = _engine(client, ds, config)
     try:
-        _check_target(engine, config.model, ds.target)
+        _check_target(engine, config.model, ds)
         d = ds.n_features
         objective = ClusterObjective(engine, config.model, mean, scale, config.l2)
         solver = make_solver(config, objective, d + 1)
@@ -196,7 +205,11 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
             "mean": None if mean is None else mean.tolist(), "scale": None if scale is None else scale.tolist(),
         }, n_params=d + 1, state_shapes=getattr(solver, "state_shapes", {}), version=__version__)
         t0 = time.perf_counter()
-        row = solver.start(theta0)
+        try:
+            row = solver.start(theta0)
+        except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         ctx = RunContext(store, run_id, path, ds.feature_names, mean, scale)
         return _loop(ctx, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
     finally:
@@ -208,7 +221,7 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
            on_iteration: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Continue a run from its last committed iteration (after a crash, a stop or a budget)."""
     path = Path(runs_dir) / f"{run_id}.zarr"
-    store = RunStore.open(path, mode="r+")
+    store, ds = check_resumable(run_id, runs_dir)
     if client is None:
         from pipeline.cluster import dask_client
 
@@ -222,13 +235,7 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
         config.time_budget = time_budget
     config.validate()
     meta = store.attrs["dataset"]
-    ds = open_dataset(meta["uri"])
-    if ds.fingerprint() != meta["fingerprint"]:
-        raise GradpipeError(f"dataset {meta['uri']} changed since run {run_id} started (rows were added or "
-                            f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta['uri']}`.")
     t = store.committed
-    if t < 0:
-        raise GradpipeError(f"run {run_id} has no committed iteration to resume from; start a new run.")
     mean = None if meta["mean"] is None else np.asarray(meta["mean"])
     scale = None if meta["scale"] is None else np.asarray(meta["scale"])
     engine = _engine(client, ds, config)
@@ -241,8 +248,6 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
         resume_state = store.attrs["resume"]
         solver.restore(row, resume_state["solver"])
         objective.passes = float(store.row("passes", t))
-        if "lipschitz" in resume_state:
-            objective._lip = tuple(resume_state["lipschitz"])
         prev = float(store.row("loss", t - 1)) if t > 0 else None
         store.set_status("running")
         ctx = RunContext(store, run_id, path, ds.feature_names, mean, scale)
@@ -250,6 +255,19 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
                      float(store.row("elapsed", t)), on_iteration, resumed=True)
     finally:
         engine.close()
+
+
+def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[RunStore, Any]:
+    """The run store and its dataset, or the reason the run cannot continue (checked before any cluster)."""
+    store = RunStore.open(Path(runs_dir) / f"{run_id}.zarr", mode="r+")
+    meta = store.attrs["dataset"]
+    ds = open_dataset(meta["uri"])
+    if ds.fingerprint() != meta["fingerprint"]:
+        raise GradpipeError(f"dataset {meta['uri']} changed since run {run_id} started (rows were added or "
+                            f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta['uri']}`.")
+    if store.committed < 0:
+        raise GradpipeError(f"run {run_id} has no committed iteration to resume from; start a new run.")
+    return store, ds
 
 
 def _record(row: Row, elapsed: float, passes: float, mean, scale) -> dict[str, Any]:
@@ -269,11 +287,10 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
     loss0 = row.loss if not resumed else float(store.row("loss", 0))
     writer = CheckpointWriter(store)
 
-    def flush() -> None:
+    def flush(solver_state: dict[str, Any] | None = None) -> None:
         nonlocal ckpt_seconds
         c0 = time.perf_counter()
-        extra = {"lipschitz": list(objective._lip)} if hasattr(objective, "_lip") else {}
-        writer.submit(pending, {"solver": solver.resume_state(), **extra})
+        writer.submit(pending, {"solver": solver.resume_state() if solver_state is None else solver_state})
         pending.clear()
         ckpt_seconds += time.perf_counter() - c0
 
@@ -307,9 +324,10 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
             it0 = time.perf_counter()
             if steps == 0:
                 loop_t0 = it0
+            before = solver.resume_state()  # the state of row t, kept if the step diverges
             new = solver.step()
             if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
-                flush()
+                flush(before)
                 writer.close()
                 store.finalize()
                 msg = (f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "

@@ -153,3 +153,18 @@ def test_cli_evaluate_json_and_errors(linear, scheduler, capsys, client):
     assert main(["evaluate", "--run", "nope", "--runs-dir", str(root / "runs"), "--dataset",
                  str(root / "test.zarr")]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_cli_json_stays_valid_when_a_metric_is_undefined(linear, tmp_path, scheduler, capsys, client):
+    """R² of a constant target is undefined (0/0): the JSON says null, never the non-standard NaN."""
+    root, *_ = linear
+    X, _ = make_xy(50, 4, seed=9)
+    ingest([str(write_csv(tmp_path / "c.csv", X, np.full(50, 3.0)))], tmp_path / "c.zarr", "y", client)
+    assert main(["evaluate", "--run", "lin", "--runs-dir", str(root / "runs"), "--dataset", str(tmp_path / "c.zarr"),
+                 "--scheduler", scheduler, "--json"]) == 0
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    got = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert got["r2"] is None and got["mse"] > 0

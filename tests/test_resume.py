@@ -46,17 +46,20 @@ def assert_same(a: dict, b: dict) -> None:
             assert np.array_equal(a[name], b[name], equal_nan=True), name  # bitwise, not approximately
 
 
-@pytest.mark.parametrize("solver", ["gd", "sgd"])
-def test_histories_are_bitwise_identical_on_1_2_and_4_workers(solver, dataset, client, tmp_path):
-    # without standardization gd needs many iterations: a long, non-trivial trajectory to compare
-    cfg = TrainConfig(solver=solver, max_iter=25, batch_chunks=3, tol=0, gtol=0, standardize=False)
+@pytest.mark.parametrize("solver, extra", [
+    ("gd", {"standardize": False}),  # without standardization gd needs many iterations: a long trajectory
+    ("sgd", {"standardize": False}),
+    ("gd", {"l2": 0.5, "fan_in": 3}),  # standardized, preconditioned, another tree shape
+])
+def test_histories_are_bitwise_identical_on_1_2_and_4_workers(solver, extra, dataset, client, tmp_path):
+    cfg = TrainConfig(solver=solver, max_iter=25, batch_chunks=3, tol=0, gtol=0, **extra)
     train(dataset, cfg, client=client, runs_dir=tmp_path, run_id="two")
     for n in (1, 4):
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
             train(dataset, cfg, client=c, runs_dir=tmp_path, run_id=f"w{n}")
     ref = history(tmp_path, "two")
-    assert len(ref["loss"]) == 26
+    assert len(ref["loss"]) >= 10  # 26 rows, or fewer when the loss stops changing at all (tol=0)
     for n in (1, 4):
         assert_same(ref, history(tmp_path, f"w{n}"))
 
@@ -84,10 +87,10 @@ def wait_for_commit(path, at_least: int, alive, deadline_s: float = 120) -> int:
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("solver", ["momentum", "sgd"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, dataset, client, scheduler, tmp_path):
-    args = ["--solver", solver, "--max-iter", "150", "--tol", "0", "--gtol", "0", "--seed", "3"]
-    train(dataset, TrainConfig(solver=solver, max_iter=150, tol=0, gtol=0, seed=3), client=client,
+@pytest.mark.parametrize("solver, l2", [("momentum", 0.0), ("sgd", 0.0), ("adam", 0.0), ("momentum", 0.5)])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, l2, dataset, client, scheduler, tmp_path):
+    args = ["--solver", solver, "--max-iter", "150", "--tol", "0", "--gtol", "0", "--seed", "3", "--l2", str(l2)]
+    train(dataset, TrainConfig(solver=solver, max_iter=150, tol=0, gtol=0, seed=3, l2=l2), client=client,
           runs_dir=tmp_path, run_id="whole")
     kill_at = random.Random().randint(3, 60)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
@@ -103,15 +106,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, dataset, client
     assert_same(history(tmp_path, "whole"), history(tmp_path, "cut"))
 
 
-def test_sigint_stops_cleanly_and_prints_the_resume_command(dataset, scheduler, client, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_cleanly_and_prints_the_resume_command(sig, dataset, scheduler, client, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
                              "int", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--solver",
                              "momentum", "--max-iter", "100000", "--tol", "0", "--gtol", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_commit(tmp_path / "int.zarr", 5, lambda: proc.poll() is None)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert f"gradpipe train --resume int --runs-dir {tmp_path}" in err
     store = RunStore.open(tmp_path / "int.zarr")
     assert store.attrs["status"] == "stopped"
@@ -137,16 +141,19 @@ def test_resume_refuses_a_changed_dataset(tmp_path, client, capsys, scheduler):
     assert "changed since run r started" in capsys.readouterr().err
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_theta(dataset, scheduler, tmp_path,
+@pytest.mark.parametrize("solver", ["gd", "momentum"])
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_theta(solver, dataset, scheduler, tmp_path,
                                                                              capsys):
     code = main(["train", "--dataset", str(dataset), "--lr", "50", "--run-id", "div", "--runs-dir",
-                 str(tmp_path), "--scheduler", scheduler, "--max-iter", "200"])
+                 str(tmp_path), "--scheduler", scheduler, "--max-iter", "200", "--solver", solver])
     assert code == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "Lower --lr (now 50)" in err
     store = RunStore.open(tmp_path / "div.zarr")
     assert store.attrs["status"] == "diverged"
     assert np.all(np.isfinite(store.column("loss"))) and np.all(np.isfinite(store.column("theta")))
+    if solver == "momentum":  # the kept solver state is that of the last good row, not of the rejected step
+        assert store.attrs["resume"]["solver"]["count"] == store.committed
 
 
 def test_streaming_from_zarr_equals_persisted_chunks(dataset, client, tmp_path):

@@ -69,6 +69,43 @@ def test_ridge_equals_closed_form(linear_data, client, tmp_path):
     assert abs(res.intercept - (ym - xm @ w)) <= 1e-6 * max(1.0, abs(ym))
 
 
+@pytest.fixture(scope="module")
+def small_scale_data(tmp_path_factory, client):
+    """One feature of scale 5e-3 beside O(1..100) ones: the penalty's λ/s² dwarfs the rest of the Hessian."""
+    root = tmp_path_factory.mktemp("small_scale")
+    X, y = make_xy(N, D, seed=4)
+    X[:, 2] = np.random.default_rng(5).normal(size=N) * 5e-3 + 1.0
+    y = y + 40 * (X[:, 2] - 1.0) / 5e-3 * 0.01
+    write_csv(root / "a.csv", X, y)
+    ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.05)
+    return root, X, y
+
+
+def ridge(X, y, lam):
+    """Closed form of mean(½ r²) + (λ/2)‖w‖² with an unpenalized intercept: centre, then solve."""
+    xm, ym = X.mean(0), y.mean()
+    Xc, yc = X - xm, y - ym
+    w = np.linalg.solve(Xc.T @ Xc / len(X) + lam * np.eye(X.shape[1]), Xc.T @ yc / len(X))
+    return w, ym - xm @ w
+
+
+@pytest.mark.parametrize("solver, standardize", [("gd", True), ("gd", False), ("momentum", True), ("sgd", True)])
+def test_lr_auto_needs_no_tuning_with_ridge_on_small_scale_features(solver, standardize, small_scale_data, client,
+                                                                    tmp_path):
+    """The Jacobi preconditioner of --lr auto: a ridge whose penalty makes one coordinate ~40,000× stiffer
+    still converges in a few hundred iterations (one global step size needed ~10⁵ and more)."""
+    root, X, y = small_scale_data
+    lam = 0.1
+    w, b = ridge(X, y, lam)
+    cfg = TrainConfig(solver=solver, l2=lam, standardize=standardize, gtol=1e-10, max_iter=600,
+                      **({"batch_chunks": 5, "schedule": "constant"} if solver == "sgd" else {}))
+    res = train(root / "ds.zarr", cfg, client=client, runs_dir=tmp_path)
+    best = full_loss(X, y, w, b) + 0.5 * lam * w @ w
+    got = full_loss(X, y, res.coef, res.intercept) + 0.5 * lam * res.coef @ res.coef
+    # the objective within 1e-9 relative of the closed form (the issue's bar for other solvers is 1e-3)
+    assert got <= best * (1 + 1e-9), (res.status, res.n_iter, got, best)
+
+
 def test_logistic_equals_sklearn(logistic_data, client, tmp_path):
     from sklearn.linear_model import LogisticRegression
 
@@ -135,12 +172,39 @@ def test_bad_options_exit_2(args, message, linear_data, tmp_path, capsys):
 
 
 def test_missing_dataset_and_non_binary_target(linear_data, tmp_path, scheduler, capsys):
-    root, _, _ = linear_data
+    root, _, y = linear_data
     assert main(["train", "--dataset", str(tmp_path / "nope.zarr")]) == 2
     assert "nope.zarr does not exist" in capsys.readouterr().err
     assert main(["train", "--dataset", str(root / "ds.zarr"), "--model", "logistic", "--runs-dir",
                  str(tmp_path), "--scheduler", scheduler]) == 2
-    assert "--model logistic needs a 0/1 target" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--model logistic needs a 0/1 target; column 'y' holds {N} other values (e.g. {y[0]:g} in row 0)" in err
+    assert not list(tmp_path.iterdir())  # no run store was created
+
+
+def test_a_run_that_fails_to_start_leaves_no_store(linear_data, tmp_path, scheduler, capsys):
+    root, _, _ = linear_data
+    args = ["train", "--dataset", str(root / "ds.zarr"), "--runs-dir", str(tmp_path), "--scheduler", scheduler,
+            "--solver", "sgd", "--early-stopping", "--validation-fraction", "0.99", "--run-id", "es"]
+    assert main(args) == 2
+    assert "holds out 5 of the dataset's 5 chunks (--validation-fraction 0.99)" in capsys.readouterr().err
+    assert not (tmp_path / "es.zarr").exists()  # the run id stays free
+    assert main(args[:-5] + ["--max-iter", "2", "--json", "--run-id", "es"]) == 0
+
+
+def test_train_json_output(linear_data, tmp_path, scheduler, capsys):
+    import json
+
+    root, X, y = linear_data
+    assert main(["train", "--dataset", str(root / "ds.zarr"), "--runs-dir", str(tmp_path), "--scheduler", scheduler,
+                 "--json", "--gtol", "1e-10"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"run_id", "run_uri", "status", "n_iter", "loss", "coef", "intercept", "feature_names",
+                        "seconds", "seconds_per_iter", "passes"}
+    coef, _, best = lstsq(X, y)
+    assert out["feature_names"] == [f"x{i}" for i in range(D)] and out["status"] == "converged"
+    np.testing.assert_allclose(out["coef"], coef, rtol=1e-6)  # as test_linear_gd_equals_lstsq
+    assert out["loss"] == pytest.approx(best, rel=1e-9)
 
 
 class _nothing:

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
         metrics = evaluate(path, args.dataset, client)
     if args.json:
-        print(json.dumps(metrics))
+        # NaN is not JSON: an undefined metric (R² of a constant target, AUC of one class) becomes null
+        print(json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}))
         return 0
     print(f"run {metrics['run']} (iteration {metrics['iteration']}, {metrics['model']}) on {metrics['dataset']}:")
     for key in ("n", "mse", "rmse", "r2", "log_loss", "accuracy", "roc_auc"):

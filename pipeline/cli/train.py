@@ -12,7 +12,12 @@ from pipeline.config import MODELS, PERSIST, SCHEDULES, SOLVERS, TrainConfig
 
 
 def _lr(value: str) -> float | str:
-    return value if value == "auto" else float(value)
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'auto' nor a number") from None
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -90,16 +95,18 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
     from pipeline.store.dataset import read_info
-    from pipeline.training import resume, train
+    from pipeline.training import check_resumable, resume, train
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")
     if args.dataset:
         config = _config(args).validate()
         read_info(args.dataset)  # a missing or wrong dataset fails before a cluster starts
+    else:
+        check_resumable(args.resume, args.runs_dir)  # so does a run that cannot continue
     progress = Progress(not (args.quiet or args.json), args.max_iter or TrainConfig().max_iter)
     try:
-        with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
+        with dask_client(args.scheduler, args.workers, announce=not (args.json or args.quiet)) as client:
             if args.resume:
                 result = resume(args.resume, runs_dir=args.runs_dir, client=client, max_iter=args.max_iter,
                                 time_budget=args.time_budget, on_iteration=progress)
