@@ -130,13 +130,16 @@ class _GradpipeModel(BaseEstimator):
     _model = "linear"
 
     def __init__(self, *, solver: str = "gd", lr: float | str = "auto", l2: float = 0.0, max_iter: int = 500,
-                 tol: float | None = None, gtol: float = 1e-8, standardize: bool = True, batch_chunks: int = 1,
-                 schedule: str = "adaptive", early_stopping: bool = False, seed: int = 0, fan_in: int = 8,
-                 chunk_rows: int | None = None, client=None, runs_dir: str | Path | None = None):
+                 tol: float | None = None, gtol: float = 1e-8, standardize: bool = True, beta: float = 0.9,
+                 batch_chunks: int = 1, schedule: str = "adaptive", power_t: float = 0.25,
+                 early_stopping: bool = False, validation_fraction: float = 0.1, n_iter_no_change: int = 5,
+                 seed: int = 0, fan_in: int = 8, persist: str = "auto", chunk_rows: int | None = None, client=None,
+                 runs_dir: str | Path | None = None):
         self.solver, self.lr, self.l2, self.max_iter, self.tol, self.gtol = solver, lr, l2, max_iter, tol, gtol
-        self.standardize, self.batch_chunks, self.schedule = standardize, batch_chunks, schedule
-        self.early_stopping, self.seed, self.fan_in, self.chunk_rows = early_stopping, seed, fan_in, chunk_rows
-        self.client, self.runs_dir = client, runs_dir
+        self.standardize, self.beta, self.batch_chunks, self.schedule = standardize, beta, batch_chunks, schedule
+        self.power_t, self.early_stopping, self.validation_fraction = power_t, early_stopping, validation_fraction
+        self.n_iter_no_change, self.seed, self.fan_in, self.persist = n_iter_no_change, seed, fan_in, persist
+        self.chunk_rows, self.client, self.runs_dir = chunk_rows, client, runs_dir
 
     def __sklearn_clone__(self):
         """Clone with the *same* client: a Dask client is a connection, not a parameter value to deep-copy."""
@@ -144,12 +147,15 @@ class _GradpipeModel(BaseEstimator):
         return type(self)(**params)
 
     def _config(self):
+        """The TrainConfig of these parameters; a bad one is a ValueError, as sklearn estimators raise."""
         from pipeline.config import TrainConfig
+        from pipeline.errors import GradpipeError
 
-        return TrainConfig(model=self._model, solver=self.solver, lr=self.lr, l2=self.l2, max_iter=self.max_iter,
-                           tol=self.tol, gtol=self.gtol, standardize=self.standardize,
-                           batch_chunks=self.batch_chunks, schedule=self.schedule,
-                           early_stopping=self.early_stopping, seed=self.seed, fan_in=self.fan_in).validate()
+        names = set(TrainConfig.__dataclass_fields__) & set(self.get_params(deep=False))
+        try:
+            return TrainConfig(model=self._model, **{k: getattr(self, k) for k in names}).validate()
+        except GradpipeError as exc:
+            raise ValueError(str(exc)) from None
 
     def _targets(self, y, client):
         """Hook: the 0/1 (logistic) or float (linear) target to store."""
