@@ -36,8 +36,9 @@ def test_dashboard_is_live_during_training(tmp_path, capsys):
     with dask_client(workers=2, dashboard_port=port) as client:
         assert f"dashboard http://127.0.0.1:{port}/status" in capsys.readouterr().err
         ingest([str(tmp_path / "a.csv")], tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
-        # unstandardized: ill-conditioned, so it is still descending when the 8 s budget ends
-        cfg = TrainConfig(solver="momentum", max_iter=10**6, tol=0, gtol=0, time_budget=8, standardize=False)
+        # unstandardized with a small fixed step (no preconditioner): still descending when the 8 s budget ends
+        cfg = TrainConfig(solver="momentum", lr=1e-6, max_iter=10**6, tol=0, gtol=0, time_budget=8,
+                          standardize=False)
         worker = threading.Thread(target=train, args=(tmp_path / "ds.zarr", cfg),
                                   kwargs={"client": client, "runs_dir": tmp_path / "runs", "run_id": "dash"})
         worker.start()
