@@ -34,6 +34,7 @@ test: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP_DEV)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 

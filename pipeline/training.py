@@ -114,7 +114,13 @@ class FitResult:
     def to_json(self) -> dict[str, Any]:
         keys = ("run_id", "run_uri", "status", "message", "n_iter", "loss", "intercept", "feature_names",
                 "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "checkpoint_write_seconds", "model")
-        return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist()}
+        return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist(),
+                "passes_per_iter": self.passes_per_iter}
+
+    @property
+    def passes_per_iter(self) -> float:
+        """Passes over the data per iteration, the start-up passes (θ_0, the Gram matrix) included."""
+        return self.passes / max(self.n_iter, 1)
 
 
 @contextlib.contextmanager

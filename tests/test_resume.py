@@ -174,7 +174,8 @@ def test_a_worker_dying_mid_run_changes_nothing(dataset, client, tmp_path):
                                   kwargs={"client": c, "runs_dir": tmp_path, "run_id": "storm"})
         runner.start()
         at = wait_for_commit(tmp_path / "storm.zarr", 10, runner.is_alive)
-        victim = sorted(c.scheduler_info()["workers"])[0]
+        held = c.has_what()
+        victim = next(w for w in sorted(held) if held[w])  # a worker holding the run's persisted chunks
         pid = c.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)  # the worker process dies with its chunks; they are recomputed elsewhere
         runner.join(timeout=300)

@@ -200,7 +200,8 @@ def test_train_json_output(linear_data, tmp_path, scheduler, capsys):
                  "--json", "--gtol", "1e-10"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"run_id", "run_uri", "status", "n_iter", "loss", "coef", "intercept", "feature_names",
-                        "seconds", "seconds_per_iter", "passes"}
+                        "seconds", "seconds_per_iter", "passes", "passes_per_iter"}
+    assert out["passes_per_iter"] == out["passes"] / out["n_iter"]
     coef, _, best = lstsq(X, y)
     assert out["feature_names"] == [f"x{i}" for i in range(D)] and out["status"] == "converged"
     np.testing.assert_allclose(out["coef"], coef, rtol=1e-6)  # as test_linear_gd_equals_lstsq

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"run {result.run_id}: {result.status} after {result.n_iter} iterations ({result.message}); "
               f"loss {result.loss:.10g}; {result.seconds:.2f} s, {result.seconds_per_iter * 1000:.1f} ms/iter, "
-              f"{result.passes:g} passes")
+              f"{result.passes:g} passes ({result.passes_per_iter:.2f} per iteration)")
         print(f"  intercept {result.intercept:.6g}")
         for name, c in zip(result.feature_names, result.coef, strict=True):
             print(f"  {name:>20} {c: .6g}")
