@@ -54,11 +54,6 @@ def curvature(H: np.ndarray, precondition: bool = True) -> Curvature:
     return Curvature(float(eig[-1]), max(float(eig[0]), 0.0), P)
 
 
-def _precond(resume: dict[str, Any], n: int) -> np.ndarray:
-    saved = resume.get("precond")
-    return np.ones(n) if saved is None else np.asarray(saved, dtype=np.float64)
-
-
 @dataclass
 class Row:
     theta: np.ndarray
@@ -75,6 +70,7 @@ class Solver(ABC):
     def __init__(self, config: Any, objective: Objective, n_params: int):
         self.cfg, self.obj, self.n_params = config, objective, n_params
         self.row: Row | None = None
+        self.P = np.ones(n_params)  # the --lr auto preconditioner (see ``curvature``); ones: plain steps
 
     def start(self, theta0: np.ndarray) -> Row:
         loss, grad = self.obj.full(theta0)
@@ -86,6 +82,8 @@ class Solver(ABC):
 
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         self.row = row
+        saved = resume.get("precond")
+        self.P = np.ones(self.n_params) if saved is None else np.asarray(saved, dtype=np.float64)
 
     def resume_state(self) -> dict[str, Any]:
         return {}
@@ -108,7 +106,6 @@ class GradientDescent(Solver):
     name = "gd"
 
     def start(self, theta0: np.ndarray) -> Row:
-        self.P = np.ones(self.n_params)
         if self.cfg.lr == "auto":
             cv = curvature(self.obj.hessian_bound())
             self.P = cv.P
@@ -120,7 +117,6 @@ class GradientDescent(Solver):
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
         self.eta = float(resume["eta"])
-        self.P = _precond(resume, self.n_params)
 
     def resume_state(self) -> dict[str, Any]:
         return {"eta": self.eta, "precond": self.P.tolist()}
@@ -154,7 +150,6 @@ class FirstOrder(Solver):
 
     def start(self, theta0: np.ndarray) -> Row:
         row = super().start(theta0)
-        self.P = np.ones(self.n_params)
         self.eta = self._initial_lr(row.grad)
         self._build()
         self.opt_state = self.opt.init(theta0)
@@ -187,7 +182,6 @@ class FirstOrder(Solver):
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
         self.eta = float(resume["eta"])
-        self.P = _precond(resume, self.n_params)
         self._build()
         arrays = {**row.state, "count": np.asarray(resume["count"], dtype=np.int64)}
         self.opt_state = optim.state_from_arrays(self.opt, arrays)
@@ -213,7 +207,6 @@ class MiniBatchSGD(Solver):
 
     def start(self, theta0: np.ndarray) -> Row:
         self._split()
-        self.P = np.ones(self.n_params)
         if self.cfg.lr == "auto":
             cv = curvature(self.obj.hessian_bound())
             self.eta0, self.P = 1.0 / cv.L, cv.P
@@ -260,7 +253,6 @@ class MiniBatchSGD(Solver):
         for key in ("epoch", "cursor", "t", "no_change", "epoch_rows"):
             setattr(self, key, int(resume[key]))
         self.best = math.inf if resume["best"] is None else float(resume["best"])
-        self.P = _precond(resume, self.n_params)
         self._split()
         self.batch = resume["batch"]
         self.stop_reason = resume["stop_reason"]
