@@ -3,16 +3,15 @@ not worse than the published one, both judged on the same (current) data."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.store import atomic
 from pipeline.store.runs import RunStore
 
 # lower is better for both
@@ -45,17 +44,10 @@ def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[st
                     f"{metric} {new:.6g} is {verdict} the published {old:.6g} (run {published_run})")
 
 
-@contextmanager
-def exclusive(models_dir: Path) -> Iterator[None]:
+def exclusive(models_dir: Path) -> AbstractContextManager[None]:
     """One quality gate at a time per model: two overlapping runs must not both judge against the same old
     ``latest.json`` and let the slower writer win. Blocks until the other gate is done."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / ".publish.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return atomic.locked(models_dir / "latest.json", wait=True)
 
 
 def read_published(models_dir: Path) -> dict[str, Any] | None:

@@ -89,13 +89,16 @@ def commit(staged: Path, live: Path) -> None:
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock for writers of ``path`` (a sibling ``.lock`` file)."""
+def locked(path: Path, wait: bool = False) -> Iterator[None]:
+    """Exclusive advisory lock for writers of ``path`` (a sibling ``.lock`` file).
+
+    ``wait=False`` refuses at once when another process holds it; ``wait=True`` blocks until it is free.
+    """
     lock = path.with_name(f".{path.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             from pipeline.errors import GradpipeError
 
