@@ -179,7 +179,7 @@ def naive_dask(X, y, theta):
 
 
 def engine_pass(engine, theta, mean, scale):
-    from pipeline.training import _sums
+    from pipeline.objective import _sums
 
     def step():
         return engine.map_reduce(_sums, "linear", theta, mean, scale)

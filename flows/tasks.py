@@ -17,10 +17,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
-from pipeline import losses
 from pipeline.cluster import dask_client
 from pipeline.evaluate import evaluate, load_model
 from pipeline.ingest import ingest
+from pipeline.problem import to_original
 from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published
 from pipeline.report import loss_curve_png, markdown
 from pipeline.settings import Settings
@@ -51,17 +51,10 @@ def warm_start_task(settings: dict[str, Any]) -> dict[str, Any] | None:
     s = Settings.from_dict(settings)
     info = read_info(s.dataset)
     prev = latest_completed_run(s.runs_dir, info.path, s.train.model)
-    if prev is None or prev.attrs["dataset"]["fingerprint"] == info.fingerprint():
+    if prev is None or prev.dataset.fingerprint == info.fingerprint():
         return None
-    coef, intercept = losses.to_original(prev.row("theta", prev.committed),
-                                         _array(prev.attrs["dataset"]["mean"]), _array(prev.attrs["dataset"]["scale"]))
+    coef, intercept = to_original(prev.row("theta", prev.committed), *prev.dataset.arrays())
     return {"run_id": prev.run_id, "coef": coef.tolist(), "intercept": intercept}
-
-
-def _array(values):
-    import numpy as np
-
-    return None if values is None else np.asarray(values)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pipeline.errors import GradpipeError
+from pipeline.families import FAMILIES
+from pipeline.solvers import CHOICES as SOLVERS
 
-MODELS = ("linear", "logistic")
-SOLVERS = ("gd", "sgd", "momentum", "nesterov", "adam")
+MODELS = tuple(FAMILIES)
 SCHEDULES = ("constant", "invscaling", "adaptive")
 PERSIST = ("auto", "yes", "no")
 
@@ -16,7 +17,7 @@ PERSIST = ("auto", "yes", "no")
 @dataclass
 class TrainConfig:
     model: str = "linear"
-    solver: str = "gd"
+    solver: str = "auto"
     lr: float | str = "auto"
     l2: float = 0.0
     max_iter: int = 500
@@ -31,6 +32,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     n_iter_no_change: int = 5
     beta: float = 0.9
+    history: int = 10
     seed: int = 0
     fan_in: int = 8
     persist: str = "auto"
@@ -66,6 +68,7 @@ class TrainConfig:
             ("validation-fraction", 0 < self.validation_fraction < 1, "must be between 0 and 1"),
             ("n-iter-no-change", self.n_iter_no_change >= 1, "must be ≥ 1"),
             ("beta", 0 <= self.beta < 1, "must be in [0, 1)"), ("fan-in", self.fan_in >= 2, "must be ≥ 2"),
+            ("history", self.history >= 1, "must be ≥ 1"),
             ("checkpoint-every", self.checkpoint_every >= 1, "must be ≥ 1"),
             ("diverge-ratio", self.diverge_ratio > 1, "must be > 1"),
         ]

@@ -1,4 +1,4 @@
-"""The per-iteration work on the cluster: map a chunk kernel over co-located (X, y) chunks, tree-reduce.
+"""The per-pass work on the cluster: map a chunk kernel over co-located (X, y) leaves, combine up a fixed tree.
 
 Design (DESIGN.md §3), with departures measured on this 2-core machine:
 
@@ -6,12 +6,13 @@ Design (DESIGN.md §3), with departures measured on this 2-core machine:
   per chunk (64 chunks → ~70–90 ms per iteration) cannot meet a 10 ms budget. Each worker gets ONE task that
   runs the kernel over all the leaves it holds, and data too small to be worth splitting
   (``MIN_BYTES_PER_WORKER``) stays on fewer workers: tiny data is one task per iteration.
-- **Fixed reduction tree.** The leaves are row ranges fixed by the dataset (each stored chunk split into
-  parts of at most ``LEAF_BYTES``, so small datasets still spread evenly over workers). Their results are
-  summed by a fixed-shape tree (fan-in ``fan_in``, like Spark's ``treeAggregate``): each worker sums the
-  complete sub-trees it owns, the driver the rest, always in the same order. Where an addition happens
-  never changes its operands or order: results are bitwise identical on 1, 2 or 8 workers, after a worker
-  dies, and after a resume.
+- **Fixed reduction tree, pluggable combine.** The leaves are row ranges fixed by the dataset (each stored
+  chunk split into parts of at most ``LEAF_BYTES``, so small datasets still spread evenly over workers).
+  Their results are combined by a fixed-shape tree (fan-in ``fan_in``, like Spark's ``treeAggregate``):
+  addition for sums, QR of stacked factors for TSQR (any deterministic function of the ordered children).
+  Each worker combines the complete sub-trees it owns, the driver the rest, always in the same order and
+  with one BLAS thread: results are bitwise identical on 1, 2 or 8 workers, after a worker dies, and after
+  a resume.
 - **Co-located, persisted, no dependencies per iteration.** X and y of a leaf are loaded by one task, so they
   live on one worker, which keeps them for the run (Dask owns that memory: it is freed when the driver goes
   away). Iteration tasks name the leaves by key and read them from the worker's memory instead of listing
@@ -30,11 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 from distributed import Client, Future, get_worker, wait
 
+from pipeline.store.dataset import read_rows
+
 Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, leaf position)
-Kernel = Callable[..., np.ndarray]  # kernel(X, y, *args) -> array of sums
+Kernel = Callable[..., np.ndarray]  # kernel(X, y, *args) -> array
+Combine = Callable[[list[np.ndarray]], np.ndarray]  # ordered children -> parent
 PERSIST_FRACTION = 0.5  # persist when the data takes at most this share of the workers' memory
 LEAF_BYTES = 16 * 2**20  # at most this much X per leaf: ≥ 4 leaves per 64 MiB chunk, for balance
 # A worker joins in only for this much data: a second task per iteration costs ~1.5 ms of round trip, and
@@ -42,11 +45,20 @@ LEAF_BYTES = 16 * 2**20  # at most this much X per leaf: ≥ 4 leaves per 64 MiB
 MIN_BYTES_PER_WORKER = 32 * 2**20
 
 
-def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int) -> dict[Node, np.ndarray]:
-    """Sum every node of the fixed tree whose children are all present; return what is left.
+def add(parts: list[np.ndarray]) -> np.ndarray:
+    """The combine of sums: left to right, so the order of additions is fixed by the tree alone."""
+    acc = np.array(parts[0], dtype=np.float64, copy=True)
+    for part in parts[1:]:
+        acc += part
+    return acc
 
-    With all leaves present the result is ``{(depth, 0): total}``. The order of additions depends only on
-    ``n_leaves`` and ``fan_in``, never on which process holds which leaves.
+
+def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int,
+                combine: Combine = add) -> dict[Node, np.ndarray]:
+    """Combine every node of the fixed tree whose children are all present; return what is left.
+
+    With all leaves present the result is ``{(depth, 0): root}``. What is combined with what, in which order,
+    depends only on ``n_leaves`` and ``fan_in``, never on which process holds which leaves.
     """
     nodes = dict(nodes)
     size, level = n_leaves, 0
@@ -55,17 +67,9 @@ def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int) -> di
         for p in range(parents):
             kids = [(level, k) for k in range(p * fan_in, min((p + 1) * fan_in, size))]
             if all(k in nodes for k in kids):
-                acc = np.array(nodes.pop(kids[0]), dtype=np.float64, copy=True)
-                for k in kids[1:]:
-                    acc += nodes.pop(k)
-                nodes[(level + 1, p)] = acc
+                nodes[(level + 1, p)] = combine([nodes.pop(k) for k in kids])
         size, level = parents, level + 1
     return nodes
-
-
-def _load(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    group = zarr.open_group(path, mode="r")
-    return group["X"][start:stop], group["y"][start:stop]
 
 
 def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -75,15 +79,15 @@ def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray
             return get_worker().data[key]
         except (KeyError, ValueError):
             pass
-    return _load(path, start, stop)
+    return read_rows(path, start, stop)
 
 
 def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
     """One worker's share of an iteration. The arguments travel pickled: as plain task arguments, Dask would
     walk every nested list of ranges and keys looking for dependencies (~0.7 ms of driver time per call)."""
-    kernel, args, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
+    kernel, args, combine, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
     leaves = {(0, i): kernel(*_leaf(path, a, b, k), *args) for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True)}
-    return reduce_tree(leaves, n_leaves, fan_in)
+    return reduce_tree(leaves, n_leaves, fan_in, combine)
 
 
 def _single_blas_thread() -> None:
@@ -141,7 +145,7 @@ class ChunkEngine:
         client.run(_single_blas_thread)
         self.chunks: list[Future] = []
         if self.persisted:
-            self.chunks = [client.submit(_load, store, a, b, workers=[self._owner(i)], allow_other_workers=True,
+            self.chunks = [client.submit(read_rows, store, a, b, workers=[self._owner(i)], allow_other_workers=True,
                                          pure=False) for i, (a, b) in enumerate(self.layout.bounds)]
             wait(self.chunks)
             for f in self.chunks:
@@ -168,8 +172,10 @@ class ChunkEngine:
                 groups.setdefault(self._owner(i), []).append(i)
         self.groups = sorted(groups.items(), key=lambda g: g[1][0])
 
-    def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None) -> np.ndarray:
-        """``sum(kernel(X_k, y_k, *args))`` over all leaves (or ``positions``), summed by the fixed tree."""
+    def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None,
+                   combine: Combine = add) -> np.ndarray:
+        """``kernel(X_k, y_k, *args)`` over all leaves (or ``positions``), combined up the fixed tree (one
+        task per worker; ``combine`` must be a module-level function, it travels pickled by reference)."""
         self._calls += 1
         if self._calls % 50 == 0:
             self._plan()  # follow leaves that moved after a worker left or joined
@@ -181,15 +187,21 @@ class ChunkEngine:
             if not mine:
                 continue
             keys = [self.chunks[p].key if self.persisted else None for p in mine]
-            payload = pickle.dumps((kernel, args, mine if index is None else [index[p] for p in mine], n_leaves,
-                                    self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
+            payload = pickle.dumps((kernel, args, combine, mine if index is None else [index[p] for p in mine],
+                                    n_leaves, self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
                                    protocol=pickle.HIGHEST_PROTOCOL)
             futures.append(self.client.submit(_run_group, payload, workers=[worker], allow_other_workers=True,
                                               pure=False))
         nodes: dict[Node, np.ndarray] = {}
         for part in self.client.gather(futures, direct=True):
             nodes.update(part)
-        root = reduce_tree(nodes, n_leaves, self.fan_in)
+        if combine is add:
+            root = reduce_tree(nodes, n_leaves, self.fan_in)
+        else:  # LAPACK on the driver: one thread, as on the workers, so the bits do not depend on where it ran
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1):
+                root = reduce_tree(nodes, n_leaves, self.fan_in, combine)
         if len(root) != 1:
             raise RuntimeError(f"reduction incomplete: {sorted(root)}")
         return next(iter(root.values()))

@@ -129,14 +129,16 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
 class _GradpipeModel(BaseEstimator):
     _model = "linear"
 
-    def __init__(self, *, solver: str = "gd", lr: float | str = "auto", l2: float = 0.0, max_iter: int = 500,
+    def __init__(self, *, solver: str = "auto", lr: float | str = "auto", l2: float = 0.0, max_iter: int = 500,
                  tol: float | None = None, gtol: float = 1e-8, standardize: bool = True, beta: float = 0.9,
+                 history: int = 10,
                  batch_chunks: int = 1, schedule: str = "adaptive", power_t: float = 0.25,
                  early_stopping: bool = False, validation_fraction: float = 0.1, n_iter_no_change: int = 5,
                  seed: int = 0, fan_in: int = 8, persist: str = "auto", chunk_rows: int | None = None, client=None,
                  runs_dir: str | Path | None = None):
         self.solver, self.lr, self.l2, self.max_iter, self.tol, self.gtol = solver, lr, l2, max_iter, tol, gtol
         self.standardize, self.beta, self.batch_chunks, self.schedule = standardize, beta, batch_chunks, schedule
+        self.history = history
         self.power_t, self.early_stopping, self.validation_fraction = power_t, early_stopping, validation_fraction
         self.n_iter_no_change, self.seed, self.fan_in, self.persist = n_iter_no_change, seed, fan_in, persist
         self.chunk_rows, self.client, self.runs_dir = chunk_rows, client, runs_dir
@@ -186,13 +188,26 @@ class _GradpipeModel(BaseEstimator):
                 shutil.rmtree(tmp, ignore_errors=True)
         self.coef_, self.intercept_ = np.asarray(result.coef), float(result.intercept)
         self.n_iter_, self.loss_history_, self.status_ = result.n_iter, np.asarray(result.loss_history), result.status
-        self.run_id_ = result.run_id
+        self.solver_, self.passes_, self.run_id_ = result.solver, result.passes, result.run_id
+        self._set_inference(result.inference or {})
         self.run_uri_ = None if tmp is not None else result.run_uri  # a temporary run store is gone
         self.n_features_in_ = len(self.coef_)
         if result.status == "max_iter":
             warnings.warn(f"{type(self).__name__} stopped at max_iter={self.max_iter} before converging "
                           f"({result.message}); raise max_iter or loosen tol/gtol.", ConvergenceWarning, stacklevel=3)
         return self
+
+    def _set_inference(self, record: dict[str, Any]) -> None:
+        """``bse_``, ``tvalues_`` (t or z), ``pvalues_``, ``conf_int_`` over ``[*coef_, intercept_]``, as
+        statsmodels orders ``params`` with the constant last; None for a penalized or unconverged fit (the
+        reason is in ``inference_["reason"]``)."""
+        self.inference_ = record
+        if record.get("available"):
+            self.bse_, self.tvalues_ = np.asarray(record["std_error"]), np.asarray(record["statistic"])
+            self.pvalues_ = np.asarray(record["p_value"])
+            self.conf_int_ = np.column_stack([record["ci_low"], record["ci_high"]])
+        else:
+            self.bse_ = self.tvalues_ = self.pvalues_ = self.conf_int_ = None
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -249,7 +264,7 @@ class LogisticRegression(ClassifierMixin, _GradpipeModel):
 
     def predict_proba(self, X):
         """Columns P(classes_[0]), P(classes_[1])."""
-        from pipeline.losses import expit
+        from pipeline.families import expit
 
         p = expit(np.asarray(self.decision_function(X)))
         return np.column_stack([1.0 - p, p])

@@ -1,117 +1,40 @@
-"""Per-chunk loss/gradient math for generalized linear models (pure NumPy, no Dask).
+"""Per-chunk kernels, one per kind of pass (pure NumPy + LAPACK, no Dask).
 
-Every function here works on ONE in-memory chunk and returns plain SUMS, so chunk results
-merge across workers by addition and the driver divides by the global row count once.
+Every kernel works on ONE in-memory chunk and returns what a fixed reduction tree combines: plain SUMS
+(merged by addition; the driver divides by the global row count once), or an R factor (merged by QR of
+stacked factors, :func:`qr_combine`). The kinds of pass:
 
-Parameters ``theta`` (length d+1) live in the *standardized* space: ``theta[:d]`` are weights
-for ``(x - mean) / scale`` and ``theta[d]`` is the intercept. Standardization is folded into
-the kernel algebraically (``z = X @ (w/scale) + (b - mean . w/scale)``) so a chunk is never
-copied just to be standardized; chunks are read in row blocks that stay in cache, so X is
-streamed from memory once per call.
+- :func:`chunk_sums`: value + gradient (first-order solvers, line searches, L-BFGS);
+- :func:`chunk_newton`: value + gradient + the weighted Gram Σ ℓ''·a aᵀ (Newton/IRLS), by ``syrk``;
+- :func:`chunk_qr`: the R factor of the augmented block ``[1 | X_std | y]`` (TSQR: exact least squares);
+- :func:`chunk_gram`: the plain Gram of ``[X_std, 1]`` (the curvature bound of ``--lr auto``);
+- :func:`chunk_metrics`, :func:`chunk_predict`, :func:`chunk_invalid_y`.
+
+Parameters ``theta`` (length d+1) live in the *standardized* space: ``theta[:d]`` are weights for
+``(x - mean) / scale`` and ``theta[d]`` is the intercept. Standardization happens inside the kernels, one
+cache-sized row block at a time, so X is never copied scaled and is read from memory once per pass.
+Results are deterministic functions of the inputs and the block size for a given BLAS and one BLAS thread
+(OpenBLAS splits sums differently with more threads: Dask's nanny sets one per worker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
+from scipy.linalg import blas, lapack
 
-__all__ = [
-    "Loss",
-    "MODELS",
-    "chunk_sums",
-    "chunk_gram",
-    "chunk_predict",
-    "chunk_metrics",
-    "penalty",
-    "to_original",
-    "from_original",
-    "mean_loss_and_grad",
-    "expit",
-]
+from pipeline.families import Family, expit, get_family
+from pipeline.problem import check_scaling
 
-Pointwise = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+__all__ = ["chunk_sums", "chunk_newton", "chunk_qr", "qr_combine", "chunk_gram", "chunk_predict",
+           "chunk_metrics", "chunk_invalid_y", "newton_layout", "expit"]
+
 DEFAULT_BLOCK_ROWS = 8192  # chunk_predict / chunk_metrics
-SUMS_BLOCK_BYTES = 2**21  # chunk_sums / chunk_gram: X per block (see _sums_block_rows)
+SUMS_BLOCK_BYTES = 2**21  # chunk_sums / chunk_gram / chunk_newton: X per block (see _sums_block_rows)
 MIN_BLOCK_ROWS = 128
-
-
-def expit(z: np.ndarray) -> np.ndarray:
-    """Logistic sigmoid that never overflows: ``exp`` only ever sees ``-|z| <= 0``."""
-    z = np.asarray(z, dtype=np.float64)
-    with np.errstate(under="ignore"):  # exp(-1e4) -> 0.0 is the correctly rounded answer
-        e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0, e) / (1.0 + e)
-
-
-@dataclass(frozen=True)
-class Loss:
-    """A GLM family: pointwise loss/derivative, inverse link and mergeable metric sums.
-
-    ``metrics(z, y)`` returns the per-chunk sums named by ``metric_names[1:]`` (the row count,
-    ``metric_names[0] == "n"``, is added by :func:`chunk_metrics`).
-    """
-
-    name: str
-    pointwise: Pointwise  # (z, y) -> (loss per row, dloss/dz per row)
-    inverse_link: Callable[[np.ndarray], np.ndarray]  # z -> prediction on the response scale
-    metrics: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    metric_names: tuple[str, ...]
-
-
-def _linear_pointwise(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r = z - y
-    return 0.5 * r * r, r
-
-
-def _linear_metrics(z: np.ndarray, y: np.ndarray) -> np.ndarray:
-    r = z - y
-    return np.array([r @ r, y.sum(), y @ y])
-
-
-def _logistic_pointwise(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # log(1 + e^z) - y z; logaddexp never forms e^z, so z = +-1e4 stays finite. Its internal
-    # log1p(exp(-|z|)) may underflow to 0, which is the correctly rounded result.
-    with np.errstate(under="ignore"):
-        return np.logaddexp(0.0, z) - y * z, expit(z) - y
-
-
-def _logistic_metrics(z: np.ndarray, y: np.ndarray) -> np.ndarray:
-    loss, _ = _logistic_pointwise(z, y)
-    # Class 1 iff p > 0.5 (z > 0), the same tie rule as sklearn's LogisticRegression.predict.
-    correct = np.count_nonzero((z > 0) == (y > 0.5))
-    return np.array([loss.sum(), float(correct)])
-
-
-MODELS: dict[str, Loss] = {
-    "linear": Loss(
-        "linear", _linear_pointwise, lambda z: z, _linear_metrics, ("n", "sum_sq_err", "sum_y", "sum_y2")
-    ),
-    "logistic": Loss(
-        "logistic", _logistic_pointwise, expit, _logistic_metrics, ("n", "sum_logloss", "n_correct")
-    ),
-}
-
-
-def _get_model(model: str) -> Loss:
-    try:
-        return MODELS[model]
-    except KeyError:
-        raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODELS)}") from None
-
-
-def _check_scaling(
-    d: int, mean: np.ndarray | None, scale: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return float64 (mean, scale), defaulting to the identity transform."""
-    m = np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64)
-    s = np.ones(d) if scale is None else np.asarray(scale, dtype=np.float64)
-    if m.shape != (d,) or s.shape != (d,):
-        raise ValueError(f"mean/scale must have shape ({d},), got {m.shape} and {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s == 0):
-        raise ValueError("scale must be finite and non-zero (use 1 for constant features)")
-    return m, s
+QR_BLOCK_ROWS = 1024  # rows per tpqrt call: in cache, measured fastest (1024–2048) with LAPACK block 4
+QR_NB = 4
 
 
 def _check_theta(theta: np.ndarray, d: int) -> np.ndarray:
@@ -121,14 +44,11 @@ def _check_theta(theta: np.ndarray, d: int) -> np.ndarray:
     return theta
 
 
-def _effective(
-    theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
-) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def _effective(theta: np.ndarray, mean, scale) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Fold standardization into (w_eff, b_eff) so z = X @ w_eff + b_eff on raw X."""
-    d = theta.shape[0] - 1
-    m, s = _check_scaling(d, mean, scale)
-    w_eff = theta[:d] / s
-    return w_eff, float(theta[d] - m @ w_eff), m, s
+    m, s = check_scaling(theta.shape[0] - 1, mean, scale)
+    w_eff = theta[:-1] / s
+    return w_eff, float(theta[-1] - m @ w_eff), m, s
 
 
 def _check_X(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -142,101 +62,49 @@ def _check_X(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np
     return X, y
 
 
-def _blocks(X: np.ndarray, block_rows: int) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield row blocks as float64 (a float32 chunk is upcast one cache-sized block at a time)."""
+def _block_rows(block_rows: int | None, n_features: int) -> int:
+    """Rows per block: about ``SUMS_BLOCK_BYTES`` of float64 X unless given."""
+    if block_rows is None:
+        return max(MIN_BLOCK_ROWS, SUMS_BLOCK_BYTES // (8 * max(n_features, 1)))
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    for start in range(0, X.shape[0], block_rows):
-        sl = slice(start, min(start + block_rows, X.shape[0]))
-        yield sl, np.asarray(X[sl], dtype=np.float64)
+    return block_rows
 
 
-def _sums_block_rows(n_features: int) -> int:
-    """Default rows per block of :func:`chunk_sums`: about ``SUMS_BLOCK_BYTES`` of float64 X."""
-    return max(MIN_BLOCK_ROWS, SUMS_BLOCK_BYTES // (8 * max(n_features, 1)))
+def _blocks(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, block_rows):
+        yield start, min(start + block_rows, n)
 
 
-def _linear_residual(z: np.ndarray, y: np.ndarray, b: float, acc: np.ndarray, *_buffers: np.ndarray) -> np.ndarray:
-    """``z`` holds ``X_b @ w``: make it ``r = z + b - y`` in place; add ``[sum r, r.r]`` to ``acc``."""
-    z += b
-    z -= y
-    acc[0] += z.sum()
-    acc[1] += z @ z  # halved once at the end (exact), instead of building 0.5*r*r
-    return z
+def _standardized(out: np.ndarray, X: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``out[:] = (X - m)/s``: a float32 block is upcast on the way (one cache-sized block at a time)."""
+    np.subtract(X, m, out=out)
+    out /= s
+    return out
 
 
-def _logistic_residual(z: np.ndarray, y: np.ndarray, b: float, acc: np.ndarray, t1: np.ndarray, t2: np.ndarray,
-                       pos: np.ndarray) -> np.ndarray:
-    """``z`` holds ``X_b @ w``; return ``r = expit(z + b) - y`` (in ``t2``) and add ``[sum r, loss]`` to ``acc``.
-
-    The math of :func:`expit` and ``_logistic_pointwise`` sharing one ``e = exp(-|z|)``, in preallocated
-    buffers (``z`` is overwritten): ``log(1 + e^z) - y z = (max(z, 0) - y z) + log1p(e)``, whose first term is
-    ``>= 0`` for 0/1 targets, so no large terms cancel; ``exp`` only ever sees ``-|z| <= 0``.
-    """
-    z += b
-    np.greater_equal(z, 0.0, out=pos)
-    np.abs(z, out=t1)
-    np.negative(t1, out=t1)
-    np.exp(t1, out=t1)  # e
-    np.maximum(z, 0.0, out=t2)
-    z *= y
-    t2 -= z  # max(z, 0) - y z
-    np.log1p(t1, out=z)
-    t2 += z
-    acc[1] += t2.sum()
-    np.add(t1, 1.0, out=z)  # 1 + e
-    np.maximum(t1, pos, out=t2)  # expit's numerator: 1 where z >= 0 (e <= 1 there), else e (NaN stays NaN)
-    t2 /= z
-    t2 -= y
-    acc[0] += t2.sum()
-    return t2
-
-
-_RESIDUALS = {"linear": _linear_residual, "logistic": _logistic_residual}
-
-
-def chunk_sums(
-    model: str,
-    X: np.ndarray,
-    y: np.ndarray,
-    theta: np.ndarray,
-    mean: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
-    block_rows: int | None = None,
-) -> np.ndarray:
+def chunk_sums(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
+               block_rows: int | None = None) -> np.ndarray:
     """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, n_rows]``.
 
-    Sums (not means) so partial results reduce by plain addition; the gradient is w.r.t. the
-    standardized ``theta``: ``grad_w = (X^T r - mean * sum(r)) / scale``, ``grad_b = sum(r)``.
-
-    X is read from memory once: per row block, ``z = X_b @ w`` (BLAS), the residual ``r`` and the loss in
-    preallocated buffers, then ``X_b^T r`` while the block is still in cache. ``block_rows`` (default: about
-    ``SUMS_BLOCK_BYTES`` of X per block) only changes the summation order, i.e. rounding; the result is a
-    deterministic function of the inputs and ``block_rows`` for a given BLAS and BLAS thread count (OpenBLAS
-    splits its dot/gemv sums differently with more threads: run kernels with 1 BLAS thread, as Dask's nanny
-    sets for its workers, for bit-identical results everywhere).
+    The gradient is w.r.t. the standardized θ: ``grad_w = (X^T r - mean * sum(r)) / scale``,
+    ``grad_b = sum(r)``. X is read from memory once: per row block, ``z = X_b @ w`` (BLAS), the family's
+    fused residual r = ℓ'(z) and loss in preallocated buffers, then ``X_b^T r`` while the block is in cache.
     """
-    _get_model(model)
+    fam = get_family(family)
     X, y = _check_X(X, y)
     n, d = X.shape
     theta = _check_theta(theta, d)
     w_eff, b_eff, m, s = _effective(theta, mean, scale)
-    if block_rows is None:
-        block_rows = _sums_block_rows(d)
-    elif block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    residual = _RESIDUALS[model]
+    block_rows = _block_rows(block_rows, d)
     rows = min(block_rows, n)
     zbuf = np.empty(rows)
-    extra = (np.empty(rows), np.empty(rows), np.empty(rows, dtype=bool)) if model == "logistic" else ()
-    xbuf = None if X.dtype == np.float64 else np.empty((rows, d))  # float32 is upcast one block at a time
+    extra = tuple(np.empty(rows, dtype=t) for t in fam.buffers)
+    xbuf = None if X.dtype == np.float64 else np.empty((rows, d))
     ybuf = None if y.dtype == np.float64 else np.empty(rows)
-    xtr = np.zeros(d)
-    part = np.empty(d)
-    acc = np.zeros(2)  # [sum r, loss sum (linear: r.r)]
+    xtr, part, acc = np.zeros(d), np.empty(d), np.zeros(2)  # acc: [Σ r, Σ loss]
     with np.errstate(under="ignore"):  # tiny sigmoid tails flushing to 0 is harmless
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
+        for start, stop in _blocks(n, block_rows):
             k = stop - start
             Xb, yb = X[start:stop], y[start:stop]
             if xbuf is not None:
@@ -247,45 +115,113 @@ def chunk_sums(
                 np.copyto(yb, y[start:stop], casting="unsafe")
             z = zbuf[:k]
             np.dot(Xb, w_eff, out=z)
-            r = residual(z, yb, b_eff, acc, *(e[:k] for e in extra))
+            r = fam.residual(z, yb, b_eff, acc, *(e[:k] for e in extra))
             np.dot(r, Xb, out=part)  # X_b^T r: the same block, still in cache
             xtr += part
     sum_r = float(acc[0])
     out = np.empty(d + 3)
     out[:d] = (xtr - m * sum_r) / s
     out[d] = sum_r
-    out[d + 1] = 0.5 * acc[1] if model == "linear" else acc[1]
+    out[d + 1] = acc[1]
     out[d + 2] = n
     return out
 
 
-def chunk_gram(
-    X: np.ndarray,
-    mean: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
-    block_rows: int | None = None,
-) -> np.ndarray:
-    """``sum_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the Lipschitz constant.
+def newton_layout(n_params: int) -> dict[str, slice]:
+    """Where :func:`chunk_newton` puts what in its flat result."""
+    p = n_params
+    return {"grad": slice(0, p), "loss": slice(p, p + 1), "n": slice(p + 1, p + 2), "sum_y": slice(p + 2, p + 3),
+            "gram": slice(p + 3, p + 3 + p * p)}
+
+
+def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
+                 block_rows: int | None = None) -> np.ndarray:
+    """Value, gradient and weighted Gram of one chunk, flat (see :func:`newton_layout`).
+
+    Per row block: the standardized augmented block ``A = [X_std, 1]`` is built once in a cache-sized buffer,
+    then ``z = A θ``, ℓ, ℓ', ℓ'' from the family, ``Aᵀℓ'`` and ``Σ ℓ''·a aᵀ`` by BLAS ``syrk`` on ``√ℓ''·A``
+    (half the flops of a general product; the upper triangle is mirrored once at the end).
+    """
+    fam = get_family(family)
+    X, y = _check_X(X, y)
+    n, d = X.shape
+    p = d + 1
+    theta = _check_theta(theta, d)
+    m, s = check_scaling(d, mean, scale)
+    block_rows = _block_rows(block_rows, p)
+    rows = min(block_rows, n)
+    A = np.empty((rows, p))
+    A[:, d] = 1.0
+    G = np.zeros((p, p), order="F")
+    grad, loss_sum, sum_y = np.zeros(p), 0.0, 0.0
+    with np.errstate(under="ignore"):
+        for start, stop in _blocks(n, block_rows):
+            k = stop - start
+            Ab = A[:k]
+            _standardized(Ab[:, :d], X[start:stop], m, s)
+            yb = np.asarray(y[start:stop], dtype=np.float64)
+            z = Ab @ theta
+            loss_sum += float(fam.loss(z, yb).sum())
+            grad += fam.d1(z, yb) @ Ab
+            sum_y += float(yb.sum())
+            Wb = np.sqrt(fam.d2(z, yb))[:, None] * Ab
+            # C-ordered (k, p) is Fortran (p, k): syrk of it, trans=0, is Wbᵀ Wb without a copy
+            G = blas.dsyrk(1.0, Wb.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
+    G = np.triu(G) + np.triu(G, 1).T
+    return np.concatenate([grad, [loss_sum, n, sum_y], G.ravel()])
+
+
+def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: int = QR_BLOCK_ROWS) -> np.ndarray:
+    """The (d+2)×(d+2) upper-triangular R of ``[1 | (X - mean)/scale | y]`` for one chunk.
+
+    Householder QR, block by block: each cache-sized block B is folded into the running R by LAPACK's
+    triangular-pentagonal QR (``tpqrt``: the QR of ``[R; B]`` that keeps R's triangle), so the chunk is read
+    once and Q is never formed. RᵀR equals AᵀA, but R is computed without squaring the condition number:
+    least squares from R keeps lstsq's accuracy, where the normal equations lose half the digits.
+    """
+    X, y = _check_X(X, y)
+    n, d = X.shape
+    m, s = check_scaling(d, mean, scale)
+    q = d + 2
+    R = np.zeros((q, q), order="F")
+    B = np.empty((min(block_rows, max(n, 1)), q), order="F")
+    for start, stop in _blocks(n, block_rows):
+        k = stop - start
+        Bb = B[:k]  # tpqrt overwrites it with its reflectors: every column is refilled
+        Bb[:, 0] = 1.0
+        _standardized(Bb[:, 1:d + 1], X[start:stop], m, s)
+        Bb[:, d + 1] = y[start:stop]
+        R, _, _, info = lapack.dtpqrt(0, min(QR_NB, q), R, np.asfortranarray(Bb), overwrite_a=1, overwrite_b=1)
+        if info != 0:
+            raise RuntimeError(f"LAPACK dtpqrt failed (info={info})")
+    return np.triu(R)
+
+
+def qr_combine(parts: list[np.ndarray]) -> np.ndarray:
+    """TSQR's combine: the R factor of the stacked R factors (deterministic for a fixed order of parts)."""
+    R = np.array(parts[0], dtype=np.float64, order="F", copy=True)
+    for other in parts[1:]:
+        R, _, _, info = lapack.dtpqrt(0, min(QR_NB, R.shape[0]), R, np.array(other, order="F", copy=True),
+                                      overwrite_a=1, overwrite_b=1)
+        if info != 0:
+            raise RuntimeError(f"LAPACK dtpqrt failed (info={info})")
+    return np.triu(R)
+
+
+def chunk_gram(X: np.ndarray, mean=None, scale=None, block_rows: int | None = None) -> np.ndarray:
+    """``sum_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the curvature for ``--lr auto``.
 
     Each block is centred on its own (not via ``X^T X - n mean mean^T``) to avoid catastrophic
-    cancellation when |mean| >> scale; the scaling is applied once at the end
-    (``C_jk / (scale_j scale_k)``), which is only a multiplicative rounding and keeps ``g`` exactly
-    symmetric. ``block_rows`` defaults to about ``SUMS_BLOCK_BYTES`` of X per block.
+    cancellation when |mean| >> scale; the scaling is applied once at the end.
     """
     X, _ = _check_X(X)
     n, d = X.shape
-    m, s = _check_scaling(d, mean, scale)
-    if block_rows is None:
-        block_rows = _sums_block_rows(d)
-    elif block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    rows = min(block_rows, n)
-    buf = np.empty((rows, d))
-    ones = np.ones(rows)
-    cross = np.zeros((d, d))
-    colsum = np.zeros(d)
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
+    m, s = check_scaling(d, mean, scale)
+    block_rows = _block_rows(block_rows, d)
+    buf = np.empty((min(block_rows, n), d))
+    ones = np.ones(len(buf))
+    cross, colsum = np.zeros((d, d)), np.zeros(d)
+    for start, stop in _blocks(n, block_rows):
         Cb = buf[: stop - start]
         np.subtract(X[start:stop], m, out=Cb)  # also upcasts a float32 chunk, one block at a time
         cross += Cb.T @ Cb
@@ -298,126 +234,32 @@ def chunk_gram(
     return g
 
 
-def _linear_predictor(
-    X: np.ndarray, theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
-) -> np.ndarray:
+def _linear_predictor(X: np.ndarray, theta: np.ndarray, mean, scale) -> np.ndarray:
     X, _ = _check_X(X)
     theta = _check_theta(theta, X.shape[1])
     w_eff, b_eff, _, _ = _effective(theta, mean, scale)
     z = np.empty(X.shape[0])
-    for sl, Xb in _blocks(X, DEFAULT_BLOCK_ROWS):
-        z[sl] = Xb @ w_eff + b_eff
+    for start, stop in _blocks(X.shape[0], DEFAULT_BLOCK_ROWS):
+        z[start:stop] = np.asarray(X[start:stop], dtype=np.float64) @ w_eff + b_eff
     return z
 
 
-def chunk_predict(
-    model: str,
-    X: np.ndarray,
-    theta: np.ndarray,
-    mean: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
-) -> np.ndarray:
-    """Predictions on the response scale: z for linear, P(y=1) for logistic."""
-    loss = _get_model(model)
-    return loss.inverse_link(_linear_predictor(X, theta, mean, scale))
+def chunk_predict(family: str | Family, X: np.ndarray, theta: np.ndarray, mean=None, scale=None) -> np.ndarray:
+    """Predictions on the response scale (the family's inverse link of z)."""
+    return get_family(family).inverse_link(_linear_predictor(X, theta, mean, scale))
 
 
-def chunk_metrics(
-    model: str,
-    X: np.ndarray,
-    y: np.ndarray,
-    theta: np.ndarray,
-    mean: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
-) -> np.ndarray:
-    """Additive metric sums for one chunk, layout ``MODELS[model].metric_names``.
-
-    * linear:   ``[n, sum_sq_err, sum_y, sum_y2]`` -> MSE = sse/n,
-      R^2 = 1 - sse / (sum_y2 - sum_y^2/n).
-    * logistic: ``[n, sum_logloss, n_correct]`` -> log-loss = sum/n, accuracy = n_correct/n
-      (class 1 iff p > 0.5).
-    """
-    loss = _get_model(model)
+def chunk_metrics(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
+                  center: float = 0.0) -> np.ndarray:
+    """``[n, *family.metric_sums(z, y, center)]``: additive, finished by ``family.metrics``."""
+    fam = get_family(family)
     X, y = _check_X(X, y)
     z = _linear_predictor(X, theta, mean, scale)
-    out = np.zeros(len(loss.metric_names))
-    out[0] = X.shape[0]
-    if X.shape[0]:
-        with np.errstate(under="ignore"):
-            out[1:] = loss.metrics(z, np.asarray(y, dtype=np.float64))
-    return out
+    with np.errstate(under="ignore"):
+        return np.concatenate([[X.shape[0]], fam.metric_sums(z, np.asarray(y, dtype=np.float64), center)])
 
 
-def penalty(theta: np.ndarray, l2: float, scale: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """``(l2/2) * ||w/scale||^2`` and its gradient w.r.t. theta (intercept unpenalized).
-
-    The penalty acts on ORIGINAL-space weights so the fitted model does not depend on the
-    internal standardization (it matches sklearn Ridge on raw features).
-    """
-    theta = np.asarray(theta, dtype=np.float64)
-    d = theta.shape[0] - 1
-    _, s = _check_scaling(d, None, scale)
-    w_orig = theta[:d] / s
-    grad = np.zeros(d + 1)
-    grad[:d] = l2 * w_orig / s
-    return 0.5 * l2 * float(w_orig @ w_orig), grad
-
-
-def hessian_bound(model: str, gram: np.ndarray, l2: float = 0.0, scale: np.ndarray | None = None) -> np.ndarray:
-    """A matrix H with H ⪰ ∇²L(θ) for every θ, from the mean Gram matrix ``gram`` of ``[(x-mean)/scale, 1]``.
-
-    Linear: the Hessian, ``gram``. Logistic: ℓ'' ≤ 1/4, so ``gram/4``. The penalty adds ``l2/scale²`` on the
-    weights' diagonal (it acts on original-space weights ``w/scale``); the intercept gets none.
-    """
-    _get_model(model)
-    gram = np.asarray(gram, dtype=np.float64)
-    d = gram.shape[0] - 1
-    _, s = _check_scaling(d, None, scale)
-    H = gram * (1.0 if model == "linear" else 0.25)
-    H[np.arange(d), np.arange(d)] += l2 / s**2
-    return H
-
-
-def to_original(
-    theta: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
-) -> tuple[np.ndarray, float]:
-    """Map standardized theta to raw-feature ``(coef, intercept)``: the model users see."""
-    theta = np.asarray(theta, dtype=np.float64)
-    d = theta.shape[0] - 1
-    m, s = _check_scaling(d, mean, scale)
-    coef = theta[:d] / s
-    return coef, float(theta[d] - m @ coef)
-
-
-def from_original(
-    coef: np.ndarray, intercept: float, mean: np.ndarray | None, scale: np.ndarray | None
-) -> np.ndarray:
-    """Inverse of :func:`to_original`, for warm-starting from a raw-space model."""
-    coef = np.asarray(coef, dtype=np.float64)
-    m, s = _check_scaling(coef.shape[0], mean, scale)
-    return np.append(coef * s, float(intercept) + float(m @ coef))
-
-
-def mean_loss_and_grad(
-    model: str,
-    sums: np.ndarray,
-    n: float,
-    theta: np.ndarray,
-    l2: float = 0.0,
-    scale: np.ndarray | None = None,
-) -> tuple[float, np.ndarray]:
-    """Turn reduced chunk sums into the penalized objective and its gradient.
-
-    ``loss = loss_sum/n + penalty``, ``grad = grad_sum/n + penalty_grad``; ``model`` is only
-    validated (the family's math is already in ``sums``).
-    """
-    _get_model(model)
-    sums = np.asarray(sums, dtype=np.float64)
-    theta = np.asarray(theta, dtype=np.float64)
-    d = theta.shape[0] - 1
-    if sums.shape != (d + 3,):
-        raise ValueError(f"sums must have shape ({d + 3},), got {sums.shape}")
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    pval, pgrad = penalty(theta, l2, scale)
-    return float(sums[d + 1] / n) + pval, sums[: d + 1] / n + pgrad
+def chunk_invalid_y(family: str | Family, y: np.ndarray) -> np.ndarray:
+    """``[#targets outside the family's domain, n, Σ y]``: a count survives the tree exactly."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.array([np.count_nonzero(get_family(family).invalid_y(y)), len(y), y.sum()], dtype=np.float64)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import GradpipeError
 from pipeline.evaluate import load_model
-from pipeline.losses import expit
+from pipeline.families import get_family
 
 BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES = 4 << 20
@@ -129,7 +129,8 @@ def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
 
 
 def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write ``input``'s columns plus ``prediction`` (logistic: P(y=1), and ``label`` 0/1) to ``out``.
+    """Write ``input``'s columns plus ``prediction`` (the family's mean: P(y=1) for logistic; a classifier
+    also gets ``label`` 0/1) to ``out``.
 
     Any ``prediction``/``label`` columns already in the input are replaced. Label 1 iff z > 0 (p > 0.5),
     the rule training's accuracy uses.
@@ -141,14 +142,14 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
         raise GradpipeError(f"input {src} does not exist.")
     features = model["feature_names"]
     coef, intercept = model["coef"], model["intercept"]
-    logistic = model["model"] == "logistic"
+    family = get_family(model["model"])
     schema, batches = _batches(src, kind_in, features)
     missing = [f for f in features if f not in schema.names]
     if missing:
         raise GradpipeError(f"{src} lacks column(s) {', '.join(map(repr, missing))} that run {model['run_id']} "
                             f"needs (it has {', '.join(schema.names)}).")
     keep = [f for f in schema if f.name not in OUTPUT_COLUMNS]
-    added = [pa.field("prediction", pa.float64())] + ([pa.field("label", pa.int64())] if logistic else [])
+    added = [pa.field("prediction", pa.float64())] + ([pa.field("label", pa.int64())] if family.classifier else [])
     out_schema = pa.schema(keep + added)  # no input metadata: it would describe other columns
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -163,11 +164,9 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
                 X = np.column_stack([_as_float(batch.column(f), f, src, rows) for f in features]) if features \
                     else np.zeros((batch.num_rows, 0))
                 z = X @ coef + intercept
-                cols = [batch.column(f.name) for f in keep]
-                if logistic:
-                    cols += [pa.array(expit(z)), pa.array((z > 0).astype(np.int64))]
-                else:
-                    cols.append(pa.array(z))
+                cols = [batch.column(f.name) for f in keep] + [pa.array(family.inverse_link(z))]
+                if family.classifier:
+                    cols.append(pa.array((z > 0).astype(np.int64)))
                 writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=out_schema))
                 rows += batch.num_rows
         os.replace(tmp, dst)

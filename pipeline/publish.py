@@ -11,11 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.families import get_family
 from pipeline.store import atomic
 from pipeline.store.runs import RunStore
-
-# lower is better for both
-GATE_METRIC = {"linear": "rmse", "logistic": "log_loss"}
 
 
 @dataclass
@@ -33,7 +31,7 @@ class Decision:
 
 def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[str, float] | None,
            published_run: str | None, tolerance: float = 0.0) -> Decision:
-    metric = GATE_METRIC[model]
+    metric = get_family(model).gate_metric  # lower is better
     new = float(new_metrics[metric])
     if published_metrics is None:
         return Decision(True, metric, new, None, None, "no model published yet")
@@ -83,10 +81,9 @@ def latest_completed_run(runs_dir: Path, dataset_uri: str, model: str) -> RunSto
             store = RunStore.open(path)
         except Exception:  # noqa: BLE001 - skip anything that is not a readable run
             continue
-        attrs = store.attrs
-        if (attrs.get("dataset", {}).get("uri") == dataset_uri and attrs.get("config", {}).get("model") == model
-                and attrs.get("status") in ("converged", "max_iter", "time_budget") and store.committed >= 0):
-            started = float(attrs.get("started", 0.0))  # not a file time: annotating or resuming changes those
+        if (store.dataset.uri == dataset_uri and store.model == model
+                and store.status in ("converged", "max_iter", "time_budget") and store.committed >= 0):
+            started = store.started  # not a file time: annotating or resuming changes those
             if best is None or started > best[0]:
                 best = (started, store)
     return None if best is None else best[1]

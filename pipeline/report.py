@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.inference import table
 from pipeline.store.runs import RunStore
 
 
@@ -19,14 +20,16 @@ def sampled_rows(n: int, k: int = 20) -> list[int]:
 
 def markdown(store: RunStore, run_id: str, metrics: dict[str, float], decision: dict | None = None) -> str:
     loss, gnorm, lr, elapsed = (store.column(c) for c in ("loss", "grad_norm", "lr", "elapsed"))
-    cfg = store.attrs["config"]
     lines = [f"# gradpipe run `{run_id}`", "",
-             f"**{cfg['model']}** / **{cfg['solver']}** on `{store.attrs['dataset']['uri']}` — status "
-             f"**{store.attrs['status']}** after {len(loss) - 1} iterations ({store.attrs.get('message', '')}).", "",
+             f"**{store.model}** / **{store.solver}** on `{store.dataset.uri}` — status "
+             f"**{store.status}** after {len(loss) - 1} iterations ({store.message}).", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     if decision:
         lines += ["", f"Publish: **{'yes' if decision['publish'] else 'no'}** — {decision['reason']}"]
+    lines += [f"\nWarning: {w}" for w in store.warnings]
+    if store.inference is not None:
+        lines += ["", "Inference:", "", "```", *table(store.inference), "```"]
     lines += ["", "| iteration | loss | ‖∇L‖ | step | seconds |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {t} | {loss[t]:.10g} | {gnorm[t]:.3e} | {lr[t]:.3g} | {elapsed[t]:.2f} |"
               for t in sampled_rows(len(loss))]
@@ -47,7 +50,7 @@ def loss_curve_png(store: RunStore, out: Path) -> Path:
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
-    ax.set_title(f"{store.attrs['config']['model']} / {store.attrs['config']['solver']}")
+    ax.set_title(f"{store.model} / {store.solver}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)

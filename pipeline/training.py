@@ -1,8 +1,9 @@
 """The training loop: iterate a solver over the cluster, checkpoint every iteration, stop, resume.
 
-Row t of a run is θ_t and L(θ_t). The loop evaluates θ_t (one pass), appends row t to the run store, checks
-the stopping rules, then asks the solver for θ_{t+1}. A resumed run restores θ, ∇L and the solver state of
-the committed row and continues: its history equals an uninterrupted run's, bit for bit.
+Row t of a run is θ_t and L(θ_t). The loop writes row t to the run store, asks the solver whether it has
+converged (stopping rules belong to the solver), checks the budgets and signals, then asks the solver for
+θ_{t+1}. ``train`` and ``resume`` share one setup (:func:`_fit`); a resumed run restores θ, ∇L and the
+solver state of the committed row and continues: its history equals an uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,73 +24,19 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from pipeline import __version__, losses
+from pipeline import __version__, inference
 from pipeline.checkpoint import CheckpointWriter
 from pipeline.config import TrainConfig
 from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
-from pipeline.solvers import Row, make_solver
+from pipeline.objective import ClusterObjective
+from pipeline.problem import Problem
+from pipeline.solvers import Row, Solver, make_solver, resolve
 from pipeline.store.dataset import open_dataset
-from pipeline.store.runs import RunStore
+from pipeline.store.runs import DatasetRef, RunStore
 
 log = logging.getLogger("gradpipe.train")
-
-
-# ---- kernels shipped to the workers (module level: pickled by reference) ---------------------------
-def _sums(X, y, model, theta, mean, scale) -> np.ndarray:
-    return losses.chunk_sums(model, X, y, theta, mean, scale)
-
-
-def _gram(X, y, mean, scale) -> np.ndarray:
-    return losses.chunk_gram(X, mean, scale)
-
-
-def _non_binary(X, y) -> np.ndarray:
-    return np.array([np.count_nonzero((y != 0) & (y != 1))], dtype=np.float64)
-
-
-class ClusterObjective:
-    """L(θ) = mean loss + penalty, evaluated by the engine; counts passes over the data."""
-
-    def __init__(self, engine: ChunkEngine, model: str, mean, scale, l2: float):
-        self.engine, self.model, self.mean, self.scale, self.l2 = engine, model, mean, scale, l2
-        self.n_chunks = len(engine.layout)
-        self.n_rows = engine.n_rows
-        self.passes = 0.0
-        self.hessian: np.ndarray | None = None
-
-    def _finish(self, sums: np.ndarray, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        return losses.mean_loss_and_grad(self.model, sums, sums[-1], theta, self.l2, self.scale)
-
-    def full(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        self.passes += 1
-        return self._finish(self.engine.map_reduce(_sums, self.model, theta, self.mean, self.scale), theta)
-
-    def subset(self, theta: np.ndarray, positions: list[int]) -> tuple[float, np.ndarray]:
-        self.passes += len(positions) / self.n_chunks
-        sums = self.engine.map_reduce(_sums, self.model, theta, self.mean, self.scale, positions=positions)
-        return self._finish(sums, theta)
-
-    def hessian_bound(self) -> np.ndarray:
-        """H ⪰ ∇²L everywhere, from one Gram pass (cached): the Hessian itself for linear, G/4 for logistic,
-        plus the penalty's λ/s² on the weights' diagonal."""
-        if self.hessian is None:
-            self.passes += 1
-            gram = self.engine.map_reduce(_gram, self.mean, self.scale) / self.n_rows
-            self.hessian = losses.hessian_bound(self.model, gram, self.l2, self.scale)
-        return self.hessian
-
-
-@dataclass
-class RunContext:
-    """What the loop needs besides the solver: where to write and how to report coefficients."""
-
-    store: RunStore
-    run_id: str
-    path: Path
-    feature_names: list[str]
-    mean: np.ndarray | None
-    scale: np.ndarray | None
+OnIteration = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -109,11 +56,15 @@ class FitResult:
     checkpoint_seconds: float  # what checkpointing cost the loop (rows are written in the background)
     checkpoint_write_seconds: float  # time the background writer spent writing
     model: str
+    solver: str  # the solver that ran (``auto`` resolved)
     loss_history: np.ndarray = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+    inference: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         keys = ("run_id", "run_uri", "status", "message", "n_iter", "loss", "intercept", "feature_names",
-                "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "checkpoint_write_seconds", "model")
+                "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "checkpoint_write_seconds", "model",
+                "solver", "warnings", "inference")
         return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist(),
                 "passes_per_iter": self.passes_per_iter}
 
@@ -147,10 +98,11 @@ def new_run_id(dataset: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def _standardization(info, standardize: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if not standardize:
-        return None, None
-    return info.stats.mean, info.stats.scale()
+def problem_for(config: TrainConfig, ds) -> Problem:
+    """The problem a config poses on a dataset (the standardization from the ingest statistics)."""
+    mean, scale = (ds.stats.mean, ds.stats.scale()) if config.standardize else (None, None)
+    return Problem.of(config.model, ds.n_features, l2=config.l2, mean=mean, scale=scale,
+                      feature_names=ds.feature_names)
 
 
 def _engine(client: Client, ds, config: TrainConfig) -> ChunkEngine:
@@ -158,33 +110,79 @@ def _engine(client: Client, ds, config: TrainConfig) -> ChunkEngine:
 
     tune_latency(client)
     return ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
-                       itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist,
-                       fan_in=config.fan_in)
+                       itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist, fan_in=config.fan_in)
 
 
-def _check_target(engine: ChunkEngine, model: str, ds) -> None:
-    if model == "logistic":
-        (bad,) = engine.map_reduce(_non_binary)  # counts are sums: they survive the tree
-        if bad:
-            example, row = _first_non_binary(ds)
-            raise GradpipeError(f"--model logistic needs a 0/1 target; column {ds.target!r} holds {int(bad)} other "
-                                f"values (e.g. {example:g} in row {row}). Use --model linear or recode the target.")
+def _check_target(objective: ClusterObjective, ds) -> None:
+    fam = objective.problem.family
+    if not fam.checks_y:
+        return
+    bad, _, _ = objective.target_summary()  # counts are sums: they survive the tree
+    if bad:
+        example, row = _first_invalid(ds, fam)
+        raise GradpipeError(f"--model {fam.name} needs {fam.y_domain()} in the target; column {ds.target!r} holds "
+                            f"{bad} other values (e.g. {example:g} in row {row}).{fam.y_advice()}")
 
 
-def _first_non_binary(ds) -> tuple[float, int]:
+def _first_invalid(ds, fam) -> tuple[float, int]:
     """An example for the message, read on the driver chunk by chunk (error path only)."""
     for start in range(0, ds.n_rows, ds.chunk_rows):
-        y = ds.y[start:start + ds.chunk_rows].compute(scheduler="sync")
-        bad = np.flatnonzero((y != 0) & (y != 1))
+        y = np.asarray(ds.y[start:start + ds.chunk_rows].compute(scheduler="sync"), dtype=np.float64)
+        bad = np.flatnonzero(fam.invalid_y(y))
         if bad.size:
             return float(y[bad[0]]), start + int(bad[0])
-    raise AssertionError("the cluster counted non-0/1 targets that the driver cannot find")
+    raise AssertionError("the cluster counted invalid targets that the driver cannot find")
+
+
+@dataclass
+class _Start:
+    """How a fit begins: a new run (``theta0``) or the committed row of an existing store."""
+
+    run_id: str
+    path: Path
+    theta0: np.ndarray | None = None
+    store: RunStore | None = None
+
+
+def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Start,
+         on_iteration: OnIteration | None) -> FitResult:
+    """The setup train and resume share: engine, objective, solver; then the loop."""
+    engine = _engine(client, ds, config)
+    try:
+        objective = ClusterObjective(engine, problem)
+        solver = make_solver(config.solver, config, problem, objective)
+        store = begin.store
+        if store is None:
+            _check_target(objective, ds)
+            mean, scale = (None, None) if not config.standardize else (problem.mean.tolist(), problem.scale.tolist())
+            store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name, dataset=DatasetRef(
+                uri=ds.path, fingerprint=ds.fingerprint(), feature_names=ds.feature_names, target=ds.target,
+                n_rows=ds.n_rows, mean=mean, scale=scale), n_params=problem.n_params,
+                state_shapes=solver.state_shapes(), version=__version__)
+            t0 = time.perf_counter()
+            try:
+                row = solver.start(begin.theta0)
+            except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
+                shutil.rmtree(begin.path, ignore_errors=True)
+                raise
+            return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
+        t = store.committed
+        state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
+        row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
+                  float(store.row("lr", t)), state)
+        solver.restore(row, store.resume_state["solver"])
+        objective.passes = float(store.row("passes", t))
+        prev = float(store.row("loss", t - 1)) if t > 0 else None
+        store.set_status("running", warnings=store.warnings)
+        return _loop(store, begin, solver, objective, config, row, t, prev, time.perf_counter(),
+                     float(store.row("elapsed", t)), on_iteration, resumed=True)
+    finally:
+        engine.close()
 
 
 def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Client | None = None,
           runs_dir: str | Path = "data/runs", run_id: str | None = None,
-          init: tuple[np.ndarray, float] | None = None,
-          on_iteration: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+          init: tuple[np.ndarray, float] | None = None, on_iteration: OnIteration | None = None) -> FitResult:
     """Train a model on a dataset store; every iteration is checkpointed to ``runs_dir/run_id.zarr``."""
     config = (config or TrainConfig()).validate()
     if client is None:
@@ -194,39 +192,18 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
             return train(dataset, config, client=c, runs_dir=runs_dir, run_id=run_id, init=init,
                          on_iteration=on_iteration)
     ds = open_dataset(dataset)
+    problem = problem_for(config, ds)
+    resolve(config.solver, problem)  # a solver that cannot solve this problem fails before any pass
     run_id = run_id or new_run_id(ds.path)
-    path = Path(runs_dir) / f"{run_id}.zarr"
-    mean, scale = _standardization(ds, config.standardize)
-    engine = _engine(client, ds, config)
-    try:
-        _check_target(engine, config.model, ds)
-        d = ds.n_features
-        objective = ClusterObjective(engine, config.model, mean, scale, config.l2)
-        solver = make_solver(config, objective, d + 1)
-        theta0 = np.zeros(d + 1) if init is None else losses.from_original(np.asarray(init[0]), init[1],
-                                                                           mean, scale)
-        store = RunStore.create(path, config=config.to_json(), dataset={
-            "uri": ds.path, "fingerprint": ds.fingerprint(), "feature_names": ds.feature_names,
-            "target": ds.target, "n_rows": ds.n_rows,
-            "mean": None if mean is None else mean.tolist(), "scale": None if scale is None else scale.tolist(),
-        }, n_params=d + 1, state_shapes=getattr(solver, "state_shapes", {}), version=__version__)
-        t0 = time.perf_counter()
-        try:
-            row = solver.start(theta0)
-        except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-        ctx = RunContext(store, run_id, path, ds.feature_names, mean, scale)
-        return _loop(ctx, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
-    finally:
-        engine.close()
+    theta0 = np.zeros(problem.n_params) if init is None else problem.from_original(np.asarray(init[0]), init[1])
+    begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", theta0=theta0)
+    return _fit(client, ds, config, problem, begin, on_iteration)
 
 
 def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | None = None,
            max_iter: int | None = None, time_budget: float | None = None,
-           on_iteration: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+           on_iteration: OnIteration | None = None) -> FitResult:
     """Continue a run from its last committed iteration (after a crash, a stop or a budget)."""
-    path = Path(runs_dir) / f"{run_id}.zarr"
     store, ds = check_resumable(run_id, runs_dir)
     if client is None:
         from pipeline.cluster import dask_client
@@ -234,59 +211,61 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
         with dask_client() as c:
             return resume(run_id, runs_dir=runs_dir, client=c, max_iter=max_iter, time_budget=time_budget,
                           on_iteration=on_iteration)
-    config = TrainConfig.from_json(store.attrs["config"])
+    config = TrainConfig.from_json(store.config)
+    config.solver = store.solver  # the solver that ran, even if `auto` would pick another one today
     if max_iter is not None:
         config.max_iter = max_iter
     if time_budget is not None:
         config.time_budget = time_budget
     config.validate()
-    meta = store.attrs["dataset"]
-    t = store.committed
-    mean = None if meta["mean"] is None else np.asarray(meta["mean"])
-    scale = None if meta["scale"] is None else np.asarray(meta["scale"])
-    engine = _engine(client, ds, config)
-    try:
-        objective = ClusterObjective(engine, config.model, mean, scale, config.l2)
-        solver = make_solver(config, objective, ds.n_features + 1)
-        state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
-        row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
-                  float(store.row("lr", t)), state)
-        resume_state = store.attrs["resume"]
-        solver.restore(row, resume_state["solver"])
-        objective.passes = float(store.row("passes", t))
-        prev = float(store.row("loss", t - 1)) if t > 0 else None
-        store.set_status("running")
-        ctx = RunContext(store, run_id, path, ds.feature_names, mean, scale)
-        return _loop(ctx, solver, objective, config, row, t, prev, time.perf_counter(),
-                     float(store.row("elapsed", t)), on_iteration, resumed=True)
-    finally:
-        engine.close()
+    mean, scale = store.dataset.arrays()  # the run's own standardization (None: the identity)
+    problem = Problem.of(config.model, ds.n_features, l2=config.l2, mean=mean, scale=scale,
+                         feature_names=ds.feature_names)
+    begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", store=store)
+    return _fit(client, ds, config, problem, begin, on_iteration)
 
 
 def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[RunStore, Any]:
     """The run store and its dataset, or the reason the run cannot continue (checked before any cluster)."""
     store = RunStore.open(Path(runs_dir) / f"{run_id}.zarr", mode="r+")
-    meta = store.attrs["dataset"]
-    ds = open_dataset(meta["uri"])
-    if ds.fingerprint() != meta["fingerprint"]:
-        raise GradpipeError(f"dataset {meta['uri']} changed since run {run_id} started (rows were added or "
-                            f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta['uri']}`.")
+    meta = store.dataset
+    ds = open_dataset(meta.uri)
+    if ds.fingerprint() != meta.fingerprint:
+        raise GradpipeError(f"dataset {meta.uri} changed since run {run_id} started (rows were added or "
+                            f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta.uri}`.")
     if store.committed < 0:
         raise GradpipeError(f"run {run_id} has no committed iteration to resume from; start a new run.")
     return store, ds
 
 
-def _record(row: Row, elapsed: float, passes: float, mean, scale) -> dict[str, Any]:
-    coef, intercept = losses.to_original(row.theta, mean, scale)
+def _record(row: Row, elapsed: float, passes: float, problem: Problem) -> dict[str, Any]:
+    coef, intercept = problem.to_original(row.theta)
     rec = {"theta": row.theta, "grad": row.grad, "coef": coef, "intercept": intercept, "loss": row.loss,
            "grad_norm": float(np.linalg.norm(row.grad)), "lr": row.lr, "elapsed": elapsed, "passes": passes}
     rec.update({f"state/{k}": v for k, v in row.state.items()})
     return rec
 
 
-def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainConfig, row: Row, t: int,
-          prev_loss: float | None, t0: float, elapsed0: float, on_iteration, resumed: bool = False) -> FitResult:
-    store, mean, scale = ctx.store, ctx.mean, ctx.scale
+def _inference(solver: Solver, objective: ClusterObjective, row: Row, status: str) -> dict[str, Any]:
+    """Inference at the final row: from what the solver holds, else one pass of the family's kind."""
+    problem = objective.problem
+    if problem.penalty.active:
+        return inference.unavailable(inference.NOT_PENALIZED)
+    if status != "converged":
+        return inference.unavailable(f"no p-values: the run did not converge ({status})")
+    info = solver.information()
+    if info is None or (problem.family.information == "qr") != ("R" in info):
+        if problem.family.information == "qr":
+            info = {"R": objective.r_factor()}
+        else:
+            _, _, _, info = objective.newton(row.theta)
+    return inference.summarize(problem, info, row.theta, row.loss, objective.n_rows, list(problem.feature_names))
+
+
+def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObjective, config: TrainConfig,
+          row: Row, t: int, prev_loss: float | None, t0: float, elapsed0: float, on_iteration: OnIteration | None,
+          resumed: bool = False) -> FitResult:
+    problem = objective.problem
     pending: list[dict[str, Any]] = []
     steps = 0
     ckpt_seconds = 0.0  # time the loop itself spent handing rows to the checkpoint writer
@@ -306,21 +285,17 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
     status, message = "running", ""
     with _stop_signals() as stop, contextlib.closing(writer):
         if not resumed:
-            rec = _record(row, elapsed(), objective.passes, mean, scale)
+            rec = _record(row, elapsed(), objective.passes, problem)
             pending.append(rec)
             flush()
             _report(on_iteration, 0, rec)
         while True:
+            converged = solver.stop_reason(prev_loss, row)
             if "signal" in stop:
                 status = "stopped"
                 message = f"stopped by signal {signal.Signals(stop['signal']).name} after iteration {t}"
-            elif float(np.linalg.norm(row.grad)) <= config.gtol:
-                status, message = "converged", f"gradient norm ≤ gtol ({config.gtol:g})"
-            elif (prev_loss is not None and config.solver != "sgd"
-                  and abs(prev_loss - row.loss) <= config.effective_tol * max(abs(row.loss), 1e-300)):
-                status, message = "converged", f"relative loss change ≤ tol ({config.effective_tol:g})"
-            elif solver.epoch_converged():
-                status, message = "converged", solver.epoch_converged()
+            elif converged:
+                status, message = "converged", converged
             elif t >= config.max_iter:
                 status, message = "max_iter", f"reached --max-iter {config.max_iter}"
             elif config.time_budget is not None and elapsed() >= config.time_budget:
@@ -343,7 +318,7 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
                 store.set_status("diverged", msg)
                 raise GradpipeError(msg)
             prev_loss, row, t, steps = row.loss, new, t + 1, steps + 1
-            rec = _record(row, elapsed(), objective.passes, mean, scale)
+            rec = _record(row, elapsed(), objective.passes, problem)
             pending.append(rec)
             if len(pending) >= config.checkpoint_every:
                 flush()
@@ -353,16 +328,21 @@ def _loop(ctx: RunContext, solver, objective: ClusterObjective, config: TrainCon
         loop_seconds = time.perf_counter() - loop_t0 if steps else 0.0
         flush()
     store.finalize()
-    store.set_status(status, message)
+    for w in solver.warnings:
+        log.warning("%s", w)
+    warnings = list(dict.fromkeys(store.warnings + solver.warnings))
+    stats = _inference(solver, objective, row, status)
+    store.set_status(status, message, warnings=warnings, inference=stats)
     seconds = elapsed() - elapsed0
-    coef, intercept = losses.to_original(row.theta, mean, scale)
+    coef, intercept = problem.to_original(row.theta)
     return FitResult(
-        run_id=ctx.run_id, run_uri=str(ctx.path.absolute()), status=status, message=message, n_iter=t,
-        loss=row.loss, coef=coef, intercept=intercept, feature_names=ctx.feature_names, seconds=seconds,
+        run_id=begin.run_id, run_uri=str(begin.path.absolute()), status=status, message=message, n_iter=t,
+        loss=row.loss, coef=coef, intercept=intercept, feature_names=list(problem.feature_names), seconds=seconds,
         seconds_per_iter=loop_seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
-        checkpoint_write_seconds=writer.busy_seconds, model=config.model, loss_history=store.column("loss"))
+        checkpoint_write_seconds=writer.busy_seconds, model=config.model, solver=solver.name,
+        loss_history=store.column("loss"), warnings=warnings, inference=stats)
 
 
-def _report(callback, t: int, rec: dict[str, Any]) -> None:
+def _report(callback: OnIteration | None, t: int, rec: dict[str, Any]) -> None:
     if callback is not None:
         callback(t, rec)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import GradpipeError
 
@@ -34,11 +33,6 @@ def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Pat
         return as_path
     raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
                         f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
-
-
-def started_at(path: Path, attrs: dict[str, Any]) -> float:
-    """When a run started (epoch seconds, from the run's ``started`` attr)."""
-    return float(attrs["started"])
 
 
 def fmt_time(epoch: float) -> str:

@@ -31,13 +31,14 @@ def model_document(path: Path) -> dict[str, Any]:
     from pipeline.store.runs import RunStore
 
     model = load_model(path)
-    attrs = RunStore.open(path).attrs
-    meta = attrs["dataset"]
+    store = RunStore.open(path)
+    meta = store.dataset
     return {
-        "format": FORMAT, "model": model["model"], "feature_names": model["feature_names"],
+        "format": FORMAT, "model": model["model"], "solver": model["solver"], "feature_names": model["feature_names"],
         "target": model["target"], "coef": model["coef"].tolist(), "intercept": model["intercept"],
         "run_id": model["run_id"], "status": model["status"], "n_iter": model["n_iter"], "loss": model["loss"],
-        "dataset": {"uri": meta["uri"], "fingerprint": meta["fingerprint"]}, "config": attrs["config"],
+        "inference": model["inference"], "warnings": model["warnings"],
+        "dataset": {"uri": meta.uri, "fingerprint": meta.fingerprint}, "config": store.config,
     }
 
 

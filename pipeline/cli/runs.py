@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli._common import add_runs_dir, fmt_time, started_at
+from pipeline.cli._common import add_runs_dir, fmt_time
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -38,18 +38,26 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN/inf anywhere in a nested record → null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return _num(value) if isinstance(value, float) else value
+
+
 def summary(path: Path) -> dict[str, Any]:
     """The one-line facts about a run store (no history arrays beyond the final row)."""
     from pipeline.store.runs import RunStore
 
     store = RunStore.open(path)
-    attrs, t = store.attrs, store.committed
-    config, meta = attrs.get("config", {}), attrs.get("dataset", {})
+    t = store.committed
     return {
-        "run_id": path.name.removesuffix(".zarr"), "status": attrs.get("status", "?"), "n_iter": max(t, 0),
-        "loss": _num(store.row("loss", t)) if t >= 0 else None, "model": config.get("model"),
-        "solver": config.get("solver"), "dataset": Path(str(meta.get("uri", "?")).rstrip("/")).name,
-        "started": started_at(path, attrs), "path": str(path),
+        "run_id": path.name.removesuffix(".zarr"), "status": store.status, "n_iter": max(t, 0),
+        "loss": _num(store.row("loss", t)) if t >= 0 else None, "model": store.model,
+        "solver": store.solver, "dataset": Path(store.dataset.uri.rstrip("/")).name,
+        "started": store.started, "path": str(path),
     }
 
 
@@ -100,7 +108,7 @@ def run_show(args: argparse.Namespace) -> int:
     path = resolve_run(args.run, args.runs_dir)
     store = RunStore.open(path)
     info = summary(path)
-    attrs, config, meta = store.attrs, store.attrs.get("config", {}), store.attrs.get("dataset", {})
+    config, meta = store.config, store.dataset
     idx = _history_rows(store, args.every)
     cols = {name: store.column(name)[idx] if len(idx) else np.array([])
             for name in ("loss", "grad_norm", "lr", "elapsed")}
@@ -109,24 +117,32 @@ def run_show(args: argparse.Namespace) -> int:
     intercept = _num(store.row("intercept", t)) if t >= 0 else None
     if args.json:
         history = [{"t": int(i), **{k: _num(v[j]) for k, v in cols.items()}} for j, i in enumerate(idx)]
-        print(json.dumps({**info, "started": fmt_time(info["started"]), "message": attrs.get("message", ""),
-                          "config": config, "dataset": {k: meta.get(k) for k in ("uri", "fingerprint", "target",
-                                                                                    "n_rows", "feature_names")},
-                          "coef": coef, "intercept": intercept, "history": history}))
+        print(json.dumps({**info, "started": fmt_time(info["started"]), "message": store.message,
+                          "config": config, "dataset": {k: getattr(meta, k) for k in ("uri", "fingerprint", "target",
+                                                                                       "n_rows", "feature_names")},
+                          "coef": coef, "intercept": intercept, "warnings": store.warnings,
+                          "inference": _json_safe(store.inference), "history": history}))
         return 0
     print(f"run {info['run_id']}  ({path})")
-    print(f"  status     {info['status']}" + (f": {attrs['message']}" if attrs.get("message") else ""))
+    print(f"  status     {info['status']}" + (f": {store.message}" if store.message else ""))
     print(f"  started    {fmt_time(info['started'])}")
-    print(f"  model      {config.get('model')}  solver {config.get('solver')}  lr {config.get('lr')}  "
+    print(f"  model      {config.get('model')}  solver {store.solver}  lr {config.get('lr')}  "
           f"l2 {config.get('l2')}  max_iter {config.get('max_iter')}  standardize {config.get('standardize')}")
-    print(f"  dataset    {meta.get('uri')}  ({meta.get('n_rows')} rows, target {meta.get('target')!r}, "
-          f"fingerprint {meta.get('fingerprint')})")
+    print(f"  dataset    {meta.uri}  ({meta.n_rows} rows, target {meta.target!r}, fingerprint {meta.fingerprint})")
+    for w in store.warnings:
+        print(f"  warning    {w}")
     loss = "-" if info["loss"] is None else f"{info['loss']:.12g}"
     print(f"  iterations {info['n_iter']}  final loss {loss}")
-    if coef is not None:
+    if store.inference is not None and store.inference.get("available"):
+        from pipeline.inference import table
+
+        print("\n".join(table(store.inference)))
+    elif coef is not None:
         print(f"  intercept  {intercept:.10g}")
-        for name, c in zip(meta.get("feature_names", []), coef, strict=False):
+        for name, c in zip(meta.feature_names, coef, strict=False):
             print(f"  {name:>20} {c: .10g}")
+        if store.inference is not None:
+            print(f"  ({store.inference['reason']})")
     print(f"\n{'t':>7}  {'loss':>18}  {'|g|':>10}  {'lr':>10}  {'elapsed':>9}")
     for j, i in enumerate(idx):
         print(f"{int(i):>7}  {cols['loss'][j]:>18.12g}  {cols['grad_norm'][j]:>10.3e}  {cols['lr'][j]:>10.3g}  "

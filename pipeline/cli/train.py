@@ -21,7 +21,7 @@ def _lr(value: str) -> float | str:
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train", parents=[parent], help="train a model by distributed gradient descent",
+    p = sub.add_parser("train", parents=[parent], help="train a model on the cluster (exact, Newton, L-BFGS, GD…)",
                        description="Train on a dataset store. Every iteration's θ and loss go to "
                                    "RUNS_DIR/RUN_ID.zarr; Ctrl-C stops cleanly and prints the resume command.")
     p.add_argument("--dataset", help="dataset store (from `gradpipe ingest`)")
@@ -30,14 +30,19 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="data/runs", help="where run stores live (default data/runs)")
     d = TrainConfig()
     p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--solver", choices=SOLVERS, default=d.solver)
-    p.add_argument("--lr", type=_lr, default=d.lr, help="step size, or 'auto' (default): from the Lipschitz "
-                                                        "constant, with a backtracking safeguard for gd")
+    p.add_argument("--solver", choices=SOLVERS, default=d.solver,
+                   help="auto (default): exact (linear) or newton (logistic) up to 4,096 features, lbfgs above; "
+                        "exact = one-pass TSQR least squares; newton = IRLS; lbfgs; first-order gd, sgd, momentum, "
+                        "nesterov, adam")
+    p.add_argument("--lr", type=_lr, default=d.lr, help="first-order step size, or 'auto' (default): from the "
+                                                        "curvature bound, with a backtracking safeguard for gd")
+    p.add_argument("--history", type=int, default=d.history, help=f"lbfgs memory (default {d.history} pairs)")
     p.add_argument("--l2", type=float, default=d.l2, help="L2 penalty λ: adds (λ/2)·‖w‖² on original-scale "
                                                           "weights (intercept unpenalized)")
     p.add_argument("--max-iter", type=int, help=f"iterations (default {d.max_iter}; on --resume: the new total)")
     p.add_argument("--tol", type=float, default=d.tol, help="stop when the relative loss change falls below "
-                                                            "(default 1e-12; sgd: 1e-4 per epoch)")
+                                                            "(default 1e-12; sgd: 1e-4 per epoch; newton: when a "
+                                                            "full step is ≤ √tol relative)")
     p.add_argument("--gtol", type=float, default=d.gtol, help=f"stop when ‖∇L‖ ≤ this (default {d.gtol:g})")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
@@ -118,12 +123,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        print(f"run {result.run_id}: {result.status} after {result.n_iter} iterations ({result.message}); "
-              f"loss {result.loss:.10g}; {result.seconds:.2f} s, {result.seconds_per_iter * 1000:.1f} ms/iter, "
-              f"{result.passes:g} passes ({result.passes_per_iter:.2f} per iteration)")
-        print(f"  intercept {result.intercept:.6g}")
-        for name, c in zip(result.feature_names, result.coef, strict=True):
-            print(f"  {name:>20} {c: .6g}")
+        from pipeline.inference import table
+
+        print(f"run {result.run_id}: {result.solver} {result.status} after {result.n_iter} iterations "
+              f"({result.message}); loss {result.loss:.10g}; {result.seconds:.2f} s, "
+              f"{result.seconds_per_iter * 1000:.1f} ms/iter, {result.passes:g} passes "
+              f"({result.passes_per_iter:.2f} per iteration)")
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if result.inference and result.inference.get("available"):
+            print("\n".join(table(result.inference)))
+        else:
+            print(f"  intercept {result.intercept:.6g}")
+            for name, c in zip(result.feature_names, result.coef, strict=True):
+                print(f"  {name:>20} {c: .6g}")
+            if result.inference:
+                print(f"  ({result.inference['reason']})")
         print(f"  run store: {result.run_uri}")
     if result.status == "stopped":
         print(f"resume with: gradpipe train --resume {result.run_id} --runs-dir {args.runs_dir}", file=sys.stderr)

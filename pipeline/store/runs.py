@@ -9,10 +9,12 @@ Layout (a Zarr v3 group ``<runs_dir>/<run_id>.zarr``; README "Run store" says wh
   ``lr`` (T,): the step size that produced θ_t, ``elapsed`` (T,): seconds since the run started,
   ``passes`` (T,): cumulative passes over the data.
 - ``state/<name>`` (T, …): optimizer state after iteration t (momentum, Adam moments).
-- attrs: ``gradpipe`` (kind, format), ``config``, ``dataset`` (uri, fingerprint, feature names, mean,
-  scale), ``started`` (epoch seconds), ``committed`` (last complete row, written AFTER that row's data),
-  ``resume`` (small solver state for row ``committed``: step size, counters), ``status``, ``message``,
-  ``version``, and what the pipeline adds (``metrics``, ``publish``, ``warm_start``).
+- attrs: ``gradpipe`` (kind, format), ``config``, ``solver`` (the one that ran: ``auto`` resolved),
+  ``dataset`` (uri, fingerprint, feature names, mean, scale), ``started`` (epoch seconds), ``committed``
+  (last complete row, written AFTER that row's data), ``resume`` (small solver state for row ``committed``:
+  step size, counters), ``status``, ``message``, ``warnings``, ``inference``, ``version``, and what the
+  pipeline adds (``metrics``, ``publish``, ``warm_start``). Read them through the typed properties below:
+  no other module knows these names.
 
 One chunk per row: an iteration's write touches only new files, then one atomic rewrite of the group's
 attrs commits it. A crash between the two leaves a row that ``committed`` does not count yet.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,22 @@ from pipeline.errors import GradpipeError
 
 FORMAT_VERSION = 1
 SCALARS = ("loss", "grad_norm", "lr", "elapsed", "passes")
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What a run records about the data it trained on."""
+
+    uri: str
+    fingerprint: str
+    feature_names: list[str]
+    target: str
+    n_rows: int
+    mean: list[float] | None  # the standardization, None without it
+    scale: list[float] | None
+
+    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return tuple(None if v is None else np.asarray(v, dtype=np.float64) for v in (self.mean, self.scale))
 
 
 class RunStore:
@@ -52,7 +71,7 @@ class RunStore:
 
     # ---- create / open -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, config: dict, dataset: dict, n_params: int,
+    def create(cls, path: str | Path, *, config: dict, solver: str, dataset: DatasetRef, n_params: int,
                state_shapes: dict[str, tuple[int, ...]], version: str) -> RunStore:
         path = Path(path)
         if path.exists():
@@ -66,8 +85,8 @@ class RunStore:
             group.create_array(name, shape=(0, *shape), chunks=(1, *shape) if shape else (1,),
                                dtype="float64", fill_value=np.nan, compressors=None)
         group.attrs.put({"gradpipe": {"kind": "run", "format_version": FORMAT_VERSION}, "config": config,
-                         "dataset": dataset, "committed": -1, "resume": {}, "status": "running",
-                         "message": "", "version": version,
+                         "solver": solver, "dataset": asdict(dataset), "committed": -1, "resume": {},
+                         "status": "running", "message": "", "warnings": [], "version": version,
                          "started": time.time()})
         return cls(group, path)
 
@@ -92,6 +111,58 @@ class RunStore:
     @property
     def committed(self) -> int:
         return int(self._attrs["committed"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._attrs.get("config", {}))
+
+    @property
+    def model(self) -> str:
+        return self.config.get("model", "linear")
+
+    @property
+    def solver(self) -> str:
+        """The solver that ran (``auto`` resolved); stores from before ``auto`` name it in the config."""
+        return self._attrs.get("solver") or self.config.get("solver", "?")
+
+    @property
+    def dataset(self) -> DatasetRef:
+        meta = self._attrs.get("dataset", {})
+        return DatasetRef(uri=meta.get("uri", "?"), fingerprint=meta.get("fingerprint", ""),
+                          feature_names=list(meta.get("feature_names", [])), target=meta.get("target", ""),
+                          n_rows=int(meta.get("n_rows", 0)), mean=meta.get("mean"), scale=meta.get("scale"))
+
+    @property
+    def status(self) -> str:
+        return self._attrs.get("status", "unknown")
+
+    @property
+    def message(self) -> str:
+        return self._attrs.get("message", "")
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._attrs.get("warnings", []))
+
+    @property
+    def started(self) -> float:
+        return float(self._attrs.get("started", 0.0))
+
+    @property
+    def resume_state(self) -> dict[str, Any]:
+        return dict(self._attrs.get("resume", {}))
+
+    @property
+    def inference(self) -> dict[str, Any] | None:
+        return self._attrs.get("inference")
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        return self._attrs.get("metrics")
+
+    @property
+    def warm_start(self) -> str | None:
+        return self._attrs.get("warm_start")
 
     def _update_attrs(self, **changes: Any) -> None:
         self._attrs.update(changes)

@@ -1,0 +1,98 @@
+"""The objective on the cluster: the passes a solver can ask for, each one read of every leaf.
+
+Kinds of pass (DESIGN.md §3): value+gradient, value+gradient+weighted Gram (Newton), the TSQR R factor
+(exact least squares), and the Gram of the standardized data (the curvature bound of ``--lr auto``).
+Each is one ``map_reduce`` of a kernel from ``pipeline.losses`` with its combine; ``passes`` counts them, and
+that count is what the run store's ``passes`` column and the benchmarks report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import losses
+from pipeline.engine import ChunkEngine
+from pipeline.families import Family
+from pipeline.problem import Problem
+
+
+# ---- kernels shipped to the workers (module level: pickled by reference) ---------------------------
+def _sums(X, y, family: Family, theta, mean, scale) -> np.ndarray:
+    return losses.chunk_sums(family, X, y, theta, mean, scale)
+
+
+def _newton(X, y, family: Family, theta, mean, scale) -> np.ndarray:
+    return losses.chunk_newton(family, X, y, theta, mean, scale)
+
+
+def _qr(X, y, mean, scale) -> np.ndarray:
+    return losses.chunk_qr(X, y, mean, scale)
+
+
+def _gram(X, y, mean, scale) -> np.ndarray:
+    return losses.chunk_gram(X, mean, scale)
+
+
+def _invalid_y(X, y, family: Family) -> np.ndarray:
+    return losses.chunk_invalid_y(family, y)
+
+
+class ClusterObjective:
+    """L(θ) = mean loss + penalty of ``problem``, evaluated by the engine; counts passes over the data."""
+
+    def __init__(self, engine: ChunkEngine, problem: Problem):
+        self.engine, self.problem = engine, problem
+        self.n_chunks = len(engine.layout)
+        self.n_rows = engine.n_rows
+        self.passes = 0.0
+        self._bound: np.ndarray | None = None
+
+    @property
+    def _args(self) -> tuple:
+        p = self.problem
+        return p.family, p.mean, p.scale
+
+    def value_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        self.passes += 1
+        fam, mean, scale = self._args
+        sums = self.engine.map_reduce(_sums, fam, theta, mean, scale)
+        return self.problem.finish(sums[-2], sums[:-2], sums[-1], theta)
+
+    def subset(self, theta: np.ndarray, positions: list[int]) -> tuple[float, np.ndarray]:
+        """Value and gradient over the leaves at ``positions`` (a mini-batch): a fraction of a pass."""
+        self.passes += len(positions) / self.n_chunks
+        fam, mean, scale = self._args
+        sums = self.engine.map_reduce(_sums, fam, theta, mean, scale, positions=positions)
+        return self.problem.finish(sums[-2], sums[:-2], sums[-1], theta)
+
+    def newton(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, dict[str, float]]:
+        """Value, gradient, Hessian of L at θ, and the raw sums inference needs (``gram_sum``, ``n``,
+        ``sum_y``): one pass."""
+        self.passes += 1
+        fam, mean, scale = self._args
+        flat = self.engine.map_reduce(_newton, fam, theta, mean, scale)
+        at = losses.newton_layout(self.problem.n_params)
+        p, n = self.problem.n_params, float(flat[at["n"]][0])
+        gram_sum = flat[at["gram"]].reshape(p, p)
+        loss, grad = self.problem.finish(float(flat[at["loss"]][0]), flat[at["grad"]], n, theta)
+        return loss, grad, self.problem.hessian(gram_sum, n), {"gram_sum": gram_sum, "n": n,
+                                                              "sum_y": float(flat[at["sum_y"]][0])}
+
+    def r_factor(self) -> np.ndarray:
+        """R of ``[1 | X_std | y]`` over all rows: TSQR up the fixed tree, one pass."""
+        self.passes += 1
+        _, mean, scale = self._args
+        return self.engine.map_reduce(_qr, mean, scale, combine=losses.qr_combine)
+
+    def hessian_bound(self) -> np.ndarray:
+        """H ⪰ ∇²L everywhere, from one Gram pass (cached)."""
+        if self._bound is None:
+            self.passes += 1
+            _, mean, scale = self._args
+            self._bound = self.problem.hessian_bound(self.engine.map_reduce(_gram, mean, scale) / self.n_rows)
+        return self._bound
+
+    def target_summary(self) -> tuple[int, int, float]:
+        """(#targets outside the family's domain, n, Σ y): a check, not a solver pass (not counted)."""
+        bad, n, sum_y = self.engine.map_reduce(_invalid_y, self.problem.family)
+        return int(bad), int(n), float(sum_y)

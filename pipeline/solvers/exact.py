@@ -1,0 +1,102 @@
+"""``--solver exact``: least squares (and ridge) in ONE pass, by TSQR.
+
+The pass returns R, the upper-triangular factor of ``A = [1 | X_std | y]`` (each leaf's R by Householder
+QR, combined up the fixed tree by QR of stacked factors). With ``R = [[R₁₁, r], [0, ρ]]``:
+
+    ‖A₁β − y‖² = ‖R₁₁β − r‖² + ρ²        (A₁ = [1 | X_std], β = [intercept, w])
+
+so the solution, the loss and the gradient at any θ come from R on the driver with no further pass, and at
+lstsq's accuracy (the normal equations square the condition number and lose half the digits). Ridge
+appends √(nλ)/sⱼ rows to R₁₁ (the penalty acts on original-scale weights). Rank deficiency is solved by the
+SVD of the small system: the minimum-norm solution in the standardized space (a constant feature gets
+coefficient 0, as in scikit-learn; duplicated features share the weight), with a warning naming the
+features.
+
+Row 0 is θ_0, row 1 the solution; R is kept in ``state/r_factor`` so a resumed run needs no second pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from pipeline.solvers.base import Row, Solver, StopOptions
+
+
+def _perm(d: int) -> np.ndarray:
+    """θ = [w, b] ↔ β = [b, w]: β = θ[perm], θ = β[argsort(perm)]."""
+    return np.concatenate([[d], np.arange(d)])
+
+
+class Exact(Solver):
+    name = "exact"
+    Options = StopOptions
+
+    @classmethod
+    def unsupported(cls, problem) -> str | None:
+        if not problem.family.supports_exact:
+            return (f"exact solves least squares only; for --model {problem.family.name} use --solver newton, "
+                    f"lbfgs or auto.")
+        return None
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"r_factor": (self.n_params + 1, self.n_params + 1)}
+
+    def start(self, theta0: np.ndarray) -> Row:
+        self.R = self.obj.r_factor()
+        loss, grad = self._value_grad(theta0)
+        self.row = Row(theta0, loss, grad, 0.0, {"r_factor": self.R})
+        return self.row
+
+    def restore(self, row: Row, resume: dict[str, Any]) -> None:
+        super().restore(row, resume)
+        self.R = row.state["r_factor"]
+
+    def _value_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        d = self.n_params - 1
+        p = _perm(d)
+        R11, r = self.R[:-1, :-1], self.R[:-1, -1]
+        e = R11 @ theta[p] - r
+        rss = float(e @ e) + float(self.R[-1, -1]) ** 2
+        grad = np.empty(d + 1)
+        grad[p] = R11.T @ e
+        return self.problem.finish(0.5 * rss, grad, self.obj.n_rows, theta)
+
+    def solve(self) -> np.ndarray:
+        """The (penalized) least-squares θ from R."""
+        d = self.n_params - 1
+        R11, r = self.R[:-1, :-1], self.R[:-1, -1]
+        lam, scale = self.problem.penalty.lam, self.problem.scale
+        if lam > 0:
+            D = np.diag(np.concatenate([[0.0], np.sqrt(self.obj.n_rows * lam) / scale]))
+            R11, r = np.vstack([R11, D]), np.concatenate([r, np.zeros(d + 1)])
+        beta, _, rank, _ = np.linalg.lstsq(R11, r, rcond=None)
+        if rank < d + 1:
+            self.warnings.append(self._rank_warning(R11, rank))
+        theta = np.empty(d + 1)
+        theta[_perm(d)] = beta
+        return theta
+
+    def _rank_warning(self, R11: np.ndarray, rank: int) -> str:
+        """Name the columns a pivoted QR leaves for last: those the others already span."""
+        _, _, piv = scipy.linalg.qr(R11, mode="economic", pivoting=True)
+        names = self.problem.feature_names or [f"x{j}" for j in range(R11.shape[1] - 1)]
+        dependent = sorted(int(j) for j in piv[rank:])
+        label = ", ".join("the intercept" if j == 0 else repr(names[j - 1]) for j in dependent)
+        return (f"the features are linearly dependent (rank {rank} of {R11.shape[1]} columns with the "
+                f"intercept): {label} {'is' if len(dependent) == 1 else 'are'} a combination of the others "
+                f"(a constant or duplicated column?); the minimum-norm solution is reported.")
+
+    def step(self) -> Row:
+        theta = self.solve()
+        loss, grad = self._value_grad(theta)
+        self.row = Row(theta, loss, grad, 1.0, {"r_factor": self.R})
+        return self.row
+
+    def stop_reason(self, prev_loss: float | None, row: Row) -> str | None:
+        return "exact least-squares solution (TSQR, one pass)" if prev_loss is not None else None
+
+    def information(self) -> dict[str, Any]:
+        return {"R": self.R}
