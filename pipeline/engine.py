@@ -204,7 +204,10 @@ class ChunkEngine:
                 root = reduce_tree(nodes, n_leaves, self.fan_in, combine)
         if len(root) != 1:
             raise RuntimeError(f"reduction incomplete: {sorted(root)}")
-        return next(iter(root.values()))
+        # A fresh, aligned, C-ordered copy: a result unpickled from a worker can sit at any byte offset, and
+        # BLAS on the driver takes other (differently rounded) paths for misaligned data — a resumed run,
+        # reading the same values from Zarr, would not repeat the bits.
+        return np.array(next(iter(root.values())), dtype=np.float64, order="C", copy=True)
 
     def close(self) -> None:
         for f in self.chunks:

@@ -31,7 +31,7 @@ from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
 from pipeline.objective import ClusterObjective
 from pipeline.problem import Problem
-from pipeline.solvers import Row, Solver, make_solver, resolve
+from pipeline.solvers import Row, Solver, Stalled, make_solver, resolve
 from pipeline.store.dataset import open_dataset
 from pipeline.store.runs import DatasetRef, RunStore
 
@@ -282,7 +282,7 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
     def elapsed() -> float:
         return elapsed0 + time.perf_counter() - t0
 
-    status, message = "running", ""
+    status, message, final_state = "running", "", None
     with _stop_signals() as stop, contextlib.closing(writer):
         if not resumed:
             rec = _record(row, elapsed(), objective.passes, problem)
@@ -306,7 +306,11 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
             if steps == 0:
                 loop_t0 = it0
             before = solver.resume_state()  # the state of row t, kept if the step diverges
-            new = solver.step()
+            try:
+                new = solver.step()
+            except Stalled as done:  # nothing new: row t stays the last, with its own solver state
+                status, message, final_state = "converged", str(done), before
+                break
             if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
                 flush(before)
                 writer.close()
@@ -326,7 +330,7 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
                      time.perf_counter() - it0)
             _report(on_iteration, t, rec)
         loop_seconds = time.perf_counter() - loop_t0 if steps else 0.0
-        flush()
+        flush(final_state)
     store.finalize()
     for w in solver.warnings:
         log.warning("%s", w)

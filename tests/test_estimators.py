@@ -26,8 +26,8 @@ from sklearn.base import clone
 import pipeline.estimators as est
 from pipeline.estimators import LinearRegression, LogisticRegression
 
-INIT = {"solver": "gd", "lr": "auto", "l2": 0.0, "max_iter": 500, "tol": None, "gtol": 1e-8, "standardize": True,
-        "beta": 0.9, "batch_chunks": 1, "schedule": "adaptive", "power_t": 0.25, "early_stopping": False,
+INIT = {"solver": "auto", "lr": "auto", "l2": 0.0, "max_iter": 500, "tol": None, "gtol": 1e-8, "standardize": True,
+        "beta": 0.9, "history": 10, "batch_chunks": 1, "schedule": "adaptive", "power_t": 0.25, "early_stopping": False,
         "validation_fraction": 0.1, "n_iter_no_change": 5, "seed": 0, "fan_in": 8, "persist": "auto",
         "chunk_rows": None, "client": None, "runs_dir": None}
 
@@ -37,9 +37,9 @@ def test_estimator_defaults_are_the_trainers_and_bad_values_are_value_errors():
 
     defaults = TrainConfig().to_json()
     shared = {k: v for k, v in INIT.items() if k in defaults}
-    assert len(shared) == 17 and shared == {k: defaults[k] for k in shared}
-    with pytest.raises(ValueError, match="unknown solver 'newton'"):  # sklearn's convention, before any work
-        LinearRegression(solver="newton").fit(np.ones((4, 1)), np.ones(4))
+    assert len(shared) == 18 and shared == {k: defaults[k] for k in shared}
+    with pytest.raises(ValueError, match="unknown solver 'bfgs'"):  # sklearn's convention, before any work
+        LinearRegression(solver="bfgs").fit(np.ones((4, 1)), np.ones(4))
 
 
 def design(n: int, seed: int) -> np.ndarray:

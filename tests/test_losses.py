@@ -16,6 +16,25 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, r2_score
 
 from pipeline import losses as L
+from pipeline.families import get_family
+from pipeline.penalty import L2
+from pipeline.problem import Problem, from_original, to_original
+
+
+def pointwise(model):
+    """(z, y) -> (loss per row, dloss/dz per row) of a family: the per-row definitions."""
+    fam = get_family(model)
+    return lambda z, y: (fam.loss(z, y), fam.d1(z, y))
+
+
+def mean_loss_and_grad(model, sums, n, theta, l2=0.0, scale=None):
+    """Reduced sums -> the penalized mean objective and its gradient, through the Problem."""
+    return Problem.of(model, len(theta) - 1, l2=l2, scale=scale).finish(sums[-2], sums[:-2], n, theta)
+
+
+def penalty(theta, l2, scale=None):
+    s = np.ones(len(theta) - 1) if scale is None else scale
+    return L2(l2).value(theta, s), L2(l2).grad(theta, s)
 
 EPS = np.finfo(np.float64).eps
 REPO = Path(__file__).resolve().parents[1]
@@ -93,10 +112,10 @@ def test_mean_loss_and_grad_matches_finite_differences(model, standardize, l2):
         mean = scale = None
     n = len(X)
     sums = L.chunk_sums(model, X, y, theta, mean, scale)
-    loss, grad = L.mean_loss_and_grad(model, sums, n, theta, l2, scale)
+    loss, grad = mean_loss_and_grad(model, sums, n, theta, l2, scale)
 
     def f(t):
-        return L.mean_loss_and_grad(model, L.chunk_sums(model, X, y, t, mean, scale), n, t, l2, scale)[0]
+        return mean_loss_and_grad(model, L.chunk_sums(model, X, y, t, mean, scale), n, t, l2, scale)[0]
 
     # Independent dense value: sum over ~60 O(1..1e3) terms in a different order, plus the
     # closed-form penalty; reassociation error ~n*eps ~ 1e-14 relative.
@@ -114,7 +133,7 @@ def test_linear_matches_dense_standardized_computation():
     A = design(X, mean, scale)
     n = len(X)
     sums = L.chunk_sums("linear", X, y, theta, mean, scale, block_rows=16)
-    loss, grad = L.mean_loss_and_grad("linear", sums, n, theta, 0.0, scale)
+    loss, grad = mean_loss_and_grad("linear", sums, n, theta, 0.0, scale)
     r = A @ theta - y
     # Both sides sum ~100 O(1..10) terms in different orders (and ours folds mean/scale into
     # the weights): rounding error is ~n*eps relative to the magnitudes, far below 1e-12.
@@ -130,7 +149,7 @@ def test_linear_solution_maps_back_to_lstsq_on_raw_features():
     G = L.chunk_gram(X, mean, scale, block_rows=32)
     g0 = L.chunk_sums("linear", X, y, np.zeros(d + 1), mean, scale, block_rows=32)[: d + 1]
     theta = np.linalg.solve(G, -g0)
-    coef, intercept = L.to_original(theta, mean, scale)
+    coef, intercept = to_original(theta, mean, scale)
     ref, *_ = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)
     # The raw design (means up to 50) has condition number ~1e3, so lstsq itself is only
     # accurate to ~cond*eps ~ 1e-13 relative; rtol 1e-9 is loose enough for that, tight
@@ -146,13 +165,13 @@ def test_linear_solution_maps_back_to_lstsq_on_raw_features():
 
 
 def test_logistic_extreme_margins_are_finite_exact_and_silent():
-    pointwise = L.MODELS["logistic"].pointwise
+    per_row = pointwise("logistic")
     z = np.array([1e4, 1e4, -1e4, -1e4])
     y = np.array([0.0, 1.0, 0.0, 1.0])
     X = np.array([[1.0], [1.0], [-1.0], [-1.0]])
     with warnings.catch_warnings(), np.errstate(all="raise"):
         warnings.simplefilter("error")
-        lv, r = pointwise(z, y)
+        lv, r = per_row(z, y)
         sums = L.chunk_sums("logistic", X, y, np.array([1e4, 0.0]))
         p = L.chunk_predict("logistic", X, np.array([1e4, 0.0]))
         met = L.chunk_metrics("logistic", X, y, np.array([1e4, 0.0]))
@@ -164,7 +183,7 @@ def test_logistic_extreme_margins_are_finite_exact_and_silent():
     # grad_w = sum x*r = 1*1 + (-1)*(-1) = 2, grad_b = sum r = 0, loss = 2e4, n = 4.
     np.testing.assert_array_equal(sums, [2.0, 0.0, 2e4, 4.0])
     np.testing.assert_array_equal(p, [1.0, 1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(met, [4.0, 2e4, 2.0])
+    np.testing.assert_array_equal(met[[0, 1, 3]], [4.0, 2e4, 2.0])  # n, Σ log-loss, #correct
 
 
 def test_expit_matches_naive_formula_where_naive_is_safe():
@@ -237,10 +256,10 @@ def test_default_blocks_match_pointwise_reference(model):
     """The buffered fast path (two default-size blocks plus a ragged one) against the per-row definitions
     in ``MODELS[model].pointwise``, for C-ordered, Fortran-ordered and strided X and an integer y."""
     d = 3
-    n = 2 * L._sums_block_rows(d) + 17
+    n = 2 * L._block_rows(None, d) + 17
     X, y, mean, scale, theta = make_data(model, n=n, d=d, seed=12)
     A = design(X, mean, scale)
-    lv, r = L.MODELS[model].pointwise(A @ theta, y)
+    lv, r = pointwise(model)(A @ theta, y)
     ref = np.concatenate([A.T @ r, [lv.sum(), n]])
     # Blocked sums of n terms in another order (and mean/scale folded into the weights): worst-case
     # reassociation error n*eps ~ 4e-11 relative to the magnitude bound; 1e-10 still flags any lost row.
@@ -260,7 +279,8 @@ def test_empty_chunk_returns_zeros():
     out = L.chunk_sums("linear", X, np.zeros(0), np.ones(4), np.ones(3), np.full(3, 2.0))
     np.testing.assert_array_equal(out, np.zeros(6))
     np.testing.assert_array_equal(L.chunk_gram(X), np.zeros((4, 4)))
-    np.testing.assert_array_equal(L.chunk_metrics("logistic", X, np.zeros(0), np.ones(4)), np.zeros(3))
+    empty = L.chunk_metrics("logistic", X, np.zeros(0), np.ones(4))
+    assert empty.shape == (4 + 2 * 8192,) and not empty.any()
     assert L.chunk_predict("linear", X, np.ones(4)).shape == (0,)
 
 
@@ -294,15 +314,17 @@ def test_chunk_gram_equals_dense_gram(standardize):
 def test_linear_metrics_match_sklearn():
     X, y, mean, scale, theta = make_data("linear", n=150, seed=7)
     m = sum(
-        L.chunk_metrics("linear", X[a : a + 40], y[a : a + 40], theta, mean, scale) for a in range(0, 150, 40)
+        L.chunk_metrics("linear", X[a : a + 40], y[a : a + 40], theta, mean, scale, y.mean())
+        for a in range(0, 150, 40)
     )
-    n, sse, sy, sy2 = m
+    n, half_sse, half_sst = m
     pred = design(X, mean, scale) @ theta
     assert n == 150
-    # Sums of ~150 O(1..10) terms: relative rounding ~n*eps ~ 3e-14. R^2's denominator
-    # sy2 - sy^2/n cancels only mildly (|mean y| ~ var y here), so 1e-10 is ample.
-    assert sse / n == pytest.approx(mean_squared_error(y, pred), rel=1e-10)
-    assert 1 - sse / (sy2 - sy * sy / n) == pytest.approx(r2_score(y, pred), rel=1e-10)
+    # Sums of ~150 O(1..10) terms about the mean (no cancellation): relative rounding ~n*eps ~ 3e-14.
+    assert 2 * half_sse / n == pytest.approx(mean_squared_error(y, pred), rel=1e-10)
+    assert 1 - half_sse / half_sst == pytest.approx(r2_score(y, pred), rel=1e-10)
+    got = get_family("linear").metrics(m[1:], n)
+    assert got["r2"] == pytest.approx(r2_score(y, pred), rel=1e-10)
     np.testing.assert_allclose(L.chunk_predict("linear", X, theta, mean, scale), pred, rtol=1e-12, atol=1e-12)
 
 
@@ -312,7 +334,7 @@ def test_logistic_metrics_match_sklearn():
         L.chunk_metrics("logistic", X[a : a + 33], y[a : a + 33], theta, mean, scale)
         for a in range(0, 150, 33)
     )
-    n, sum_ll, n_correct = m
+    n, sum_ll, n_correct = m[0], m[1], m[3]
     p = 1.0 / (1.0 + np.exp(-(design(X, mean, scale) @ theta)))
     assert n == 150
     # sklearn evaluates -log(p), -log(1-p) from p; 1-p loses ~eps*e^|z| relative (|z| < 10
@@ -332,28 +354,28 @@ def test_penalty_closed_form_and_finite_differences(use_scale):
     scale = rng.uniform(0.3, 3.0, size=4) if use_scale else None
     s = scale if use_scale else np.ones(4)
     l2 = 0.7
-    val, grad = L.penalty(theta, l2, scale)
+    val, grad = penalty(theta, l2, scale)
     # Closed form of (l2/2)||w/s||^2 and its gradient l2*w/s^2; a handful of roundings each.
     assert val == pytest.approx(0.5 * l2 * np.sum((theta[:4] / s) ** 2), rel=1e-14)
     np.testing.assert_allclose(grad, np.append(l2 * theta[:4] / s**2, 0.0), rtol=1e-14)
     # A quadratic: central differences are exact up to rounding ~eps*|val|/h ~ 1e-10.
-    fd = central_diff(lambda t: L.penalty(t, l2, scale)[0], theta, 1e-5)
+    fd = central_diff(lambda t: penalty(t, l2, scale)[0], theta, 1e-5)
     np.testing.assert_allclose(grad, fd, rtol=1e-8, atol=1e-8)
     # The intercept is never penalized.
     bumped = theta.copy()
     bumped[-1] += 123.0
-    assert L.penalty(bumped, l2, scale)[0] == val and grad[-1] == 0.0
+    assert penalty(bumped, l2, scale)[0] == val and grad[-1] == 0.0
 
 
 def test_original_space_round_trip_and_semantics():
     X, _, mean, scale, theta = make_data("linear", n=40, d=5, seed=10)
-    coef, intercept = L.to_original(theta, mean, scale)
-    back = L.from_original(coef, intercept, mean, scale)
+    coef, intercept = to_original(theta, mean, scale)
+    back = from_original(coef, intercept, mean, scale)
     # Multiply/divide by scale and add/subtract mean.coef: a few ulps of the O(50) terms.
     np.testing.assert_allclose(back, theta, rtol=1e-13, atol=1e-13)
     # Semantics: the original-space model gives the same predictions on raw X.
     np.testing.assert_allclose(X @ coef + intercept, design(X, mean, scale) @ theta, rtol=1e-12, atol=1e-12)
-    c0, b0 = L.to_original(theta, None, None)
+    c0, b0 = to_original(theta, None, None)
     np.testing.assert_array_equal(c0, theta[:-1])
     assert b0 == theta[-1]
 
@@ -363,7 +385,7 @@ def test_ridge_normal_equations_match_sklearn():
     n, d, lam = len(X), X.shape[1], 0.05
 
     def grad(t):
-        return L.mean_loss_and_grad("linear", L.chunk_sums("linear", X, y, t, mean, scale), n, t, lam, scale)[
+        return mean_loss_and_grad("linear", L.chunk_sums("linear", X, y, t, mean, scale), n, t, lam, scale)[
             1
         ]
 
@@ -371,7 +393,7 @@ def test_ridge_normal_equations_match_sklearn():
     g0 = grad(np.zeros(d + 1))
     H = np.column_stack([grad(e) - g0 for e in np.eye(d + 1)])
     theta = np.linalg.solve(H, -g0)
-    coef, intercept = L.to_original(theta, mean, scale)
+    coef, intercept = to_original(theta, mean, scale)
     # Ours: (1/2n)||Xc + b - y||^2 + (lam/2)||c||^2 in original space. Multiplying by 2n gives
     # ||y - Xc - b||^2 + n*lam*||c||^2, which is sklearn Ridge's objective with alpha = n*lam
     # (Ridge also leaves the intercept unpenalized).

@@ -146,7 +146,7 @@ def test_runs_list_and_show(runs, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["RUN", "STATUS", "ITER", "LOSS"]
     assert [ln.split()[0] for ln in lines[1:]] == ["a-lin", "b-log"]  # trained in this order
-    assert "linear/gd" in lines[1] and "logistic/nesterov" in lines[2] and "lin.zarr" in lines[1]
+    assert "linear/exact" in lines[1] and "logistic/nesterov" in lines[2] and "lin.zarr" in lines[1]
     assert main(["runs", "list", *rd, "--json"]) == 0
     listed = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)}
     g = zarr.open_group(str(root / "runs" / "a-lin.zarr"), mode="r")

@@ -47,7 +47,7 @@ def test_example_file_loads():
 
 @pytest.mark.parametrize("text, message", [
     ('nmae = "x"\n', "unknown setting(s) ['nmae']"),
-    ('[train]\nsolver = "newton"\n', "--solver: unknown solver 'newton'"),
+    ('[train]\nsolver = "bfgs"\n', "--solver: unknown solver 'bfgs'"),
     ('name = \n', "s.toml"),
 ])
 def test_bad_settings_are_named(tmp_path, text, message):

@@ -157,7 +157,7 @@ def test_logistic_loss_is_stable_at_huge_logits(tmp_path, client):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--solver", "newton"], "invalid choice: 'newton'"),
+    (["--solver", "bfgs"], "invalid choice: 'bfgs'"),
     (["--lr", "0"], "--lr: must be a positive number or 'auto', not 0.0"),
     (["--lr", "-1"], "--lr: must be a positive number or 'auto'"),
     (["--max-iter", "-3"], "--max-iter: must be ≥ 0"),
@@ -178,7 +178,8 @@ def test_missing_dataset_and_non_binary_target(linear_data, tmp_path, scheduler,
     assert main(["train", "--dataset", str(root / "ds.zarr"), "--model", "logistic", "--runs-dir",
                  str(tmp_path), "--scheduler", scheduler]) == 2
     err = capsys.readouterr().err
-    assert f"--model logistic needs a 0/1 target; column 'y' holds {N} other values (e.g. {y[0]:g} in row 0)" in err
+    assert (f"--model logistic needs 0/1 values in the target; column 'y' holds {N} other values (e.g. {y[0]:g} "
+            f"in row 0). Use --model linear or recode the target.") in err
     assert not list(tmp_path.iterdir())  # no run store was created
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import GradpipeError
 from pipeline.problem import Problem
-from pipeline.solvers.base import Objective, Row, Solver, options_from
+from pipeline.solvers.base import Objective, Row, Solver, Stalled, options_from
 from pipeline.solvers.exact import Exact
 from pipeline.solvers.first_order import Adam, GradientDescent, MiniBatchSGD, Momentum, Nesterov
 from pipeline.solvers.lbfgs import LBFGS
@@ -20,7 +20,7 @@ SOLVERS: dict[str, type[Solver]] = {s.name: s for s in (Exact, Newton, LBFGS, Gr
                                                          Momentum, Nesterov, Adam)}
 CHOICES = ("auto", *SOLVERS)
 
-__all__ = ["SOLVERS", "CHOICES", "Row", "Solver", "Objective", "resolve", "make_solver"]
+__all__ = ["SOLVERS", "CHOICES", "Row", "Solver", "Stalled", "Objective", "resolve", "make_solver"]
 
 
 def resolve(name: str, problem: Problem) -> str:

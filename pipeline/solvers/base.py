@@ -21,6 +21,12 @@ from pipeline.problem import Problem
 EPS = np.finfo(np.float64).eps
 
 
+class Stalled(Exception):  # noqa: N818 - a stop, not an error
+    """A step found the loss flat at rounding level: the solver cannot improve θ any further.
+
+    The loop ends the run as converged with this message, keeping the last row (nothing new to write)."""
+
+
 class Objective(Protocol):
     n_chunks: int
     n_rows: int

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import GradpipeError
-from pipeline.solvers.base import Row, Solver, StopOptions
+from pipeline.solvers.base import EPS, Row, Solver, Stalled, StopOptions
 
 C1, C2 = 1e-4, 0.9
 MAX_EVALS = 40  # line-search passes per iteration before giving up
@@ -110,7 +110,7 @@ class LBFGS(Solver):
             a_prev, f_prev, s_prev, alpha = alpha, f, s, nxt
 
     def _zoom(self, cur, direction, lo, f_lo, s_lo, hi, f_hi, s_hi, f0, g0, evals):
-        best = None
+        best, lowest = None, math.inf
         while evals < MAX_EVALS:
             guess = _cubic_min(lo, f_lo, s_lo, hi, f_hi, s_hi) if math.isfinite(f_hi) else None
             width = abs(hi - lo)
@@ -118,6 +118,7 @@ class LBFGS(Solver):
                 guess = 0.5 * (lo + hi)  # bisect when interpolation is unsafe or lands at an end
             f, s, x, g = self._phi(cur.theta, direction, guess)
             evals += 1
+            lowest = min(lowest, f)
             if not math.isfinite(f) or f > f0 + C1 * guess * g0 or f >= f_lo:
                 hi, f_hi, s_hi = guess, f, s
             else:
@@ -129,6 +130,8 @@ class LBFGS(Solver):
                 lo, f_lo, s_lo = guess, f, s
         if best is not None:
             return best  # sufficient decrease without the curvature condition: still a descent step
+        if abs(lowest - f0) <= 16 * EPS * abs(f0):
+            raise Stalled("the loss is flat at rounding level along the L-BFGS direction")
         raise GradpipeError("the L-BFGS line search found no decrease; the loss may be flat at rounding level "
                             "or the data hold extreme values (loosen --tol/--gtol, or check the data).")
 

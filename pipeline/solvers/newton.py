@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import GradpipeError
-from pipeline.solvers.base import EPS, Row, Solver, StopOptions, armijo_ok
+from pipeline.solvers.base import EPS, Row, Solver, Stalled, StopOptions, armijo_ok
 
 MAX_HALVINGS = 40
 
@@ -51,13 +51,13 @@ class Newton(Solver):
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"direction": (self.n_params,)}
 
-    def _evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        loss, grad, H, self._info = self.obj.newton(theta)
-        direction, self.damping = newton_direction(H, grad) if math.isfinite(loss) else (np.zeros_like(grad), 0.0)
-        return loss, grad, direction
+    def _evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, dict[str, Any]]:
+        loss, grad, H, info = self.obj.newton(theta)
+        direction = newton_direction(H, grad)[0] if math.isfinite(loss) else np.zeros_like(grad)
+        return loss, grad, direction, info
 
     def start(self, theta0: np.ndarray) -> Row:
-        loss, grad, direction = self._evaluate(theta0)
+        loss, grad, direction, self._info = self._evaluate(theta0)
         self.row = Row(theta0, loss, grad, 0.0, {"direction": direction})
         self.last_step = math.inf  # max |θ_t − θ_{t−1}|
         return self.row
@@ -77,12 +77,14 @@ class Newton(Solver):
         alpha = 1.0
         for _ in range(MAX_HALVINGS):
             theta = cur.theta + alpha * direction
-            loss, grad, new_direction = self._evaluate(theta)
+            loss, grad, new_direction, info = self._evaluate(theta)
             if not math.isfinite(cur.loss) or armijo_ok(loss, cur.loss, slope, alpha):
-                self.last_step = float(np.max(np.abs(theta - cur.theta)))
+                self.last_step, self._info = float(np.max(np.abs(theta - cur.theta))), info
                 self.row = Row(theta, loss, grad, alpha, {"direction": new_direction})
                 return self.row
             alpha /= 2.0
+        if abs(loss - cur.loss) <= 16 * EPS * abs(cur.loss):
+            raise Stalled("the loss is flat at rounding level along the Newton direction")
         raise GradpipeError("the Newton line search could not decrease the loss; the data may hold extreme "
                             "values (check `gradpipe runs show`).")
 
