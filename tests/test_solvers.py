@@ -303,3 +303,23 @@ def test_inference_after_a_first_order_solver_takes_one_pass(regression, client,
     # the standard errors depend on lbfgs's small remaining error only through the residual variance, to
     # second order: 1e-8 holds.
     np.testing.assert_allclose(res.inference["std_error"], ref.bse, rtol=1e-8)
+
+
+def test_estimators_and_export_carry_the_inference(regression, logistic, client, tmp_path, capsys):
+    import statsmodels.api as sm
+
+    from pipeline.estimators import LinearRegression, LogisticRegression
+
+    _, X, y = regression
+    ref = sm.OLS(y, np.column_stack([X, np.ones(N)])).fit()
+    m = LinearRegression(client=client, runs_dir=tmp_path).fit(X, y)
+    assert m.solver_ == "exact" and m.passes_ == 1.0
+    np.testing.assert_allclose(m.bse_, ref.bse, rtol=1e-8)
+    np.testing.assert_allclose(m.conf_int_, ref.conf_int(), rtol=1e-8)
+    assert main(["export", m.run_uri_, "--out", str(tmp_path / "m.json")]) == 0
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["solver"] == "exact" and doc["inference"]["std_error"] == m.bse_.tolist()
+    _, Xl, yl = logistic
+    penalized = LogisticRegression(l2=1e-3, client=client).fit(Xl, yl)
+    assert penalized.solver_ == "newton" and penalized.pvalues_ is None
+    assert "penalized" in penalized.inference_["reason"]
