@@ -90,9 +90,14 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
     return reduce_tree(leaves, n_leaves, fan_in, combine)
 
 
-def _single_blas_thread() -> None:
-    """Dask's nanny already sets OPENBLAS/OMP threads to 1; workers started otherwise get it here (two BLAS
-    threads per worker measured 3–19× slower, and thread count changes the bits of BLAS sums)."""
+def _prepare_worker() -> None:
+    """One BLAS thread, and the kernels' modules loaded before the first timed pass.
+
+    Dask's nanny already sets OPENBLAS/OMP threads to 1; workers started otherwise get it here (two BLAS
+    threads per worker measured 3–19× slower, and thread count changes the bits of BLAS sums). Importing the
+    kernels (and SciPy's LAPACK with them) costs ~0.1 s on a fresh worker: better at setup than in pass 1."""
+    import pipeline.losses  # noqa: F401
+
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -142,7 +147,7 @@ class ChunkEngine:
         self.persisted = persist == "yes"
         used = max(1, min(len(workers), self.nbytes // MIN_BYTES_PER_WORKER))
         self.workers = [addr for addr, _ in workers][:used]
-        client.run(_single_blas_thread)
+        client.run(_prepare_worker)
         self.chunks: list[Future] = []
         if self.persisted:
             self.chunks = [client.submit(read_rows, store, a, b, workers=[self._owner(i)], allow_other_workers=True,

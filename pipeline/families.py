@@ -65,6 +65,10 @@ class Family(ABC):
     def d2(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """∂²ℓ/∂z² per row (the IRLS weight)."""
 
+    def derivatives(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ℓ, ℓ', ℓ'') per row at once (the Newton pass); families share their intermediate terms."""
+        return self.loss(z, y), self.d1(z, y), self.d2(z, y)
+
     @abstractmethod
     def inverse_link(self, z: np.ndarray) -> np.ndarray:
         """The mean of y given z (predictions on the response scale)."""
@@ -206,6 +210,13 @@ class Binomial(Family):
     def d2(self, z, y):
         p = expit(z)
         return p * (1.0 - p)
+
+    def derivatives(self, z, y):
+        with np.errstate(under="ignore"):
+            e = np.exp(-np.abs(z))  # one exp for all three: log1p(e), the sigmoid, its derivative
+            loss = np.maximum(z, 0.0) - y * z + np.log1p(e)
+            p = np.where(z >= 0, 1.0, e) / (1.0 + e)
+            return loss, p - y, e / ((1.0 + e) * (1.0 + e))  # σ(1−σ) = e/(1+e)² for either sign of z
 
     def inverse_link(self, z):
         return expit(z)

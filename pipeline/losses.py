@@ -138,9 +138,10 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
                  block_rows: int | None = None) -> np.ndarray:
     """Value, gradient and weighted Gram of one chunk, flat (see :func:`newton_layout`).
 
-    Per row block: the standardized augmented block ``A = [X_std, 1]`` is built once in a cache-sized buffer,
-    then ``z = A θ``, ℓ, ℓ', ℓ'' from the family, ``Aᵀℓ'`` and ``Σ ℓ''·a aᵀ`` by BLAS ``syrk`` on ``√ℓ''·A``
-    (half the flops of a general product; the upper triangle is mirrored once at the end).
+    Per row block, in one cache-sized buffer: the centred block ``C = [X - mean, 1]``, ``z = C·[w/scale, b]``,
+    ℓ, ℓ', ℓ'' from the family at once, ``Cᵀℓ'``, then C scaled in place by √ℓ'' and ``Σ ℓ''·c cᵀ`` by BLAS
+    ``syrk`` (half the flops of a general product). The 1/scale of the standardization is applied once to the
+    (d+1)-vector and the (d+1)² matrix at the end, not to every row.
     """
     fam = get_family(family)
     X, y = _check_X(X, y)
@@ -150,25 +151,27 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
     m, s = check_scaling(d, mean, scale)
     block_rows = _block_rows(block_rows, p)
     rows = min(block_rows, n)
-    A = np.empty((rows, p))
-    A[:, d] = 1.0
+    C = np.empty((rows, p))
     G = np.zeros((p, p), order="F")
+    theta_c = np.append(theta[:d] / s, theta[d])
     grad, loss_sum, sum_y = np.zeros(p), 0.0, 0.0
-    with np.errstate(under="ignore"):
-        for start, stop in _blocks(n, block_rows):
-            k = stop - start
-            Ab = A[:k]
-            _standardized(Ab[:, :d], X[start:stop], m, s)
-            yb = np.asarray(y[start:stop], dtype=np.float64)
-            z = Ab @ theta
-            loss_sum += float(fam.loss(z, yb).sum())
-            grad += fam.d1(z, yb) @ Ab
-            sum_y += float(yb.sum())
-            Wb = np.sqrt(fam.d2(z, yb))[:, None] * Ab
-            # C-ordered (k, p) is Fortran (p, k): syrk of it, trans=0, is Wbᵀ Wb without a copy
-            G = blas.dsyrk(1.0, Wb.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
+    for start, stop in _blocks(n, block_rows):
+        Cb = C[: stop - start]  # scaled in place below: every column is refilled
+        np.subtract(X[start:stop], m, out=Cb[:, :d])  # also upcasts a float32 chunk
+        Cb[:, d] = 1.0
+        yb = np.asarray(y[start:stop], dtype=np.float64)
+        loss, r, w = fam.derivatives(Cb @ theta_c, yb)
+        loss_sum += float(loss.sum())
+        sum_y += float(yb.sum())
+        grad += r @ Cb
+        np.sqrt(w, out=w)
+        Cb *= w[:, None]
+        # C-ordered (k, p) is Fortran (p, k): syrk of it, trans=0, is Cbᵀ Cb without a copy
+        G = blas.dsyrk(1.0, Cb.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
+    unscale = np.append(1.0 / s, 1.0)
     G = np.triu(G) + np.triu(G, 1).T
-    return np.concatenate([grad, [loss_sum, n, sum_y], G.ravel()])
+    G *= np.outer(unscale, unscale)
+    return np.concatenate([grad * unscale, [loss_sum, n, sum_y], G.ravel()])
 
 
 def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: int = QR_BLOCK_ROWS) -> np.ndarray:
@@ -178,23 +181,30 @@ def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: in
     triangular-pentagonal QR (``tpqrt``: the QR of ``[R; B]`` that keeps R's triangle), so the chunk is read
     once and Q is never formed. RᵀR equals AᵀA, but R is computed without squaring the condition number:
     least squares from R keeps lstsq's accuracy, where the normal equations lose half the digits.
+
+    The block is centred (which matters: |mean| ≫ scale would cost digits) but not scaled: Householder QR is
+    column-scaling invariant, so R's columns are divided by the scales once at the end. B is filled
+    transposed, into a C-ordered (q, rows) buffer that is the column-major block LAPACK reads.
     """
     X, y = _check_X(X, y)
     n, d = X.shape
     m, s = check_scaling(d, mean, scale)
     q = d + 2
     R = np.zeros((q, q), order="F")
-    B = np.empty((min(block_rows, max(n, 1)), q), order="F")
+    BT = np.empty((q, min(block_rows, max(n, 1))))
     for start, stop in _blocks(n, block_rows):
         k = stop - start
-        Bb = B[:k]  # tpqrt overwrites it with its reflectors: every column is refilled
-        Bb[:, 0] = 1.0
-        _standardized(Bb[:, 1:d + 1], X[start:stop], m, s)
-        Bb[:, d + 1] = y[start:stop]
-        R, _, _, info = lapack.dtpqrt(0, min(QR_NB, q), R, np.asfortranarray(Bb), overwrite_a=1, overwrite_b=1)
+        Bt = BT[:, :k] if k == BT.shape[1] else np.empty((q, k))  # tpqrt overwrites it: every row is refilled
+        Bt[0] = 1.0
+        Bt[1:d + 1] = X[start:stop].T
+        Bt[1:d + 1] -= m[:, None]
+        Bt[d + 1] = y[start:stop]
+        R, _, _, info = lapack.dtpqrt(0, min(QR_NB, q), R, Bt.T, overwrite_a=1, overwrite_b=1)
         if info != 0:
             raise RuntimeError(f"LAPACK dtpqrt failed (info={info})")
-    return np.triu(R)
+    R = np.triu(R)
+    R[:, 1:d + 1] /= s
+    return R
 
 
 def qr_combine(parts: list[np.ndarray]) -> np.ndarray:

@@ -162,6 +162,8 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
             t0 = time.perf_counter()
             try:
                 row = solver.start(begin.theta0)
+                for name, value in solver.static_arrays().items():
+                    store.write_static(name, value)
             except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
                 shutil.rmtree(begin.path, ignore_errors=True)
                 raise
@@ -170,6 +172,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
         state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
         row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
                   float(store.row("lr", t)), state)
+        solver.load_static(store.statics())
         solver.restore(row, store.resume_state["solver"])
         objective.passes = float(store.row("passes", t))
         prev = float(store.row("loss", t - 1)) if t > 0 else None

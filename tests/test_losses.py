@@ -420,3 +420,53 @@ def test_kernels_do_not_import_dask():
     }
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------- Newton and TSQR kernels
+
+
+@pytest.mark.parametrize("model", ["linear", "logistic"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_chunk_newton_equals_the_dense_weighted_gram(model, dtype):
+    """Loss, gradient and Σ ℓ''·a aᵀ against the explicitly standardized dense design, over several ragged
+    blocks (block_rows=23) so that every per-block buffer refill is exercised."""
+    X, y, mean, scale, theta = make_data(model, n=200, d=4, seed=31)
+    X = X.astype(dtype)
+    A = design(X.astype(np.float64), mean, scale)
+    z = A @ theta
+    if model == "linear":
+        r, w = z - y, np.ones_like(z)
+    else:
+        p = 1 / (1 + np.exp(-z))
+        r, w = p - y, p * (1 - p)
+    out = L.chunk_newton(model, X, y, theta, mean, scale, block_rows=23)
+    at = L.newton_layout(5)
+    # Sums of 200 products of O(1..50) terms in another order: ~n·eps relative to Σ|terms|; 1e-11 of the
+    # magnitude flags any lost row, weight or column.
+    mag = np.abs(A).T @ (np.abs(w)[:, None] * np.abs(A))
+    np.testing.assert_array_less(np.abs(out[at["gram"]].reshape(5, 5) - (A * w[:, None]).T @ A), 1e-11 * mag)
+    np.testing.assert_array_less(np.abs(out[at["grad"]] - A.T @ r), 1e-11 * (np.abs(A).T @ np.abs(r)) + 1e-300)
+    assert out[at["loss"]][0] == pytest.approx(dense_loss(model, A, y, theta), rel=1e-12)
+    assert (out[at["n"]][0], out[at["sum_y"]][0]) == (200, pytest.approx(y.sum(), rel=1e-14))
+    # the gradient is also that of chunk_sums (the value+gradient pass): same math, other kernel
+    np.testing.assert_array_less(np.abs(out[at["grad"]] - L.chunk_sums(model, X, y, theta, mean, scale)[:5]),
+                                 1e-11 * (np.abs(A).T @ np.abs(r)) + 1e-300)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_chunk_qr_is_the_r_factor_of_the_augmented_design(standardize):
+    """R of [1 | X_std | y]: RᵀR = AᵀA, |R| = |numpy's R| (rows differ by sign only), and the TSQR combine of
+    two halves is the R of the whole. Blocks of 17 rows (ragged) exercise the blocked tpqrt."""
+    X, y, mean, scale, _ = make_data("linear", n=150, d=3, seed=32)
+    if not standardize:
+        mean = scale = None
+    Z = X if mean is None else (X - mean) / scale
+    A = np.column_stack([np.ones(len(X)), Z, y])
+    R = L.chunk_qr(X, y, mean, scale, block_rows=17)
+    assert np.array_equal(R, np.triu(R))
+    # Householder QR is backward stable: RᵀR = AᵀA to ~n·eps·‖A‖² per entry.
+    np.testing.assert_array_less(np.abs(R.T @ R - A.T @ A), 1e-12 * np.abs(A).T @ np.abs(A) + 1e-300)
+    np.testing.assert_allclose(np.abs(R), np.abs(np.linalg.qr(A, mode="r")), rtol=1e-10, atol=1e-10 * np.abs(R).max())
+    halves = L.qr_combine([L.chunk_qr(X[:70], y[:70], mean, scale), L.chunk_qr(X[70:], y[70:], mean, scale)])
+    np.testing.assert_allclose(np.abs(halves), np.abs(R), rtol=1e-10, atol=1e-10 * np.abs(R).max())
+    np.testing.assert_array_equal(L.chunk_qr(X[:0], y[:0], mean, scale), np.zeros((5, 5)))

@@ -89,6 +89,13 @@ class Solver(ABC):
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         self.row = row
 
+    def static_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays fixed for the whole run, computed by ``start`` (stored once, before row 0 is committed)."""
+        return {}
+
+    def load_static(self, arrays: dict[str, np.ndarray]) -> None:  # noqa: B027 - most solvers keep none
+        """Take back :meth:`static_arrays` on resume (before :meth:`restore`)."""
+
     def resume_state(self) -> dict[str, Any]:
         return {}
 

@@ -193,6 +193,17 @@ class RunStore:
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
 
+    def write_static(self, name: str, value: np.ndarray) -> None:
+        """An array written once, before the first row is committed (a solver's fixed preconditioner)."""
+        value = np.asarray(value, dtype=np.float64)
+        arr = self.group.create_array(f"static/{name}", shape=value.shape, dtype="float64", compressors=None)
+        arr[...] = value
+
+    def statics(self) -> dict[str, np.ndarray]:
+        if "static" not in self.group:
+            return {}
+        return {n: np.asarray(a[...]) for n, a in self.group["static"].arrays()}
+
     def array_names(self) -> list[str]:
         names = [n for n, _ in self.group.arrays()]
         if "state" in self.group:
