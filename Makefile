@@ -37,6 +37,7 @@ bench: $(STAMP_DEV)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/solvers.py
 
 clean:
 	rm -rf $(VENV) data/datasets data/runs data/raw data/models

@@ -295,8 +295,3 @@ def get_family(family: str | Family) -> Family:
         return FAMILIES[family]
     except KeyError:
         raise ValueError(f"unknown model {family!r}; expected one of {sorted(FAMILIES)}") from None
-
-
-def summary_json(values: dict[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON: NaN and ±inf become null (JSON has neither)."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}

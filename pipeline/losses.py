@@ -76,13 +76,6 @@ def _blocks(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + block_rows, n)
 
 
-def _standardized(out: np.ndarray, X: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``out[:] = (X - m)/s``: a float32 block is upcast on the way (one cache-sized block at a time)."""
-    np.subtract(X, m, out=out)
-    out /= s
-    return out
-
-
 def chunk_sums(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
                block_rows: int | None = None) -> np.ndarray:
     """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, n_rows]``.
