@@ -105,9 +105,16 @@ class Solver(ABC):
 
     def stop_reason(self, prev_loss: float | None, row: Row) -> str | None:
         """Why the run has converged at ``row`` (``prev_loss``: the loss of the row before), else None."""
+        return self.gradient_small(row) or self.loss_settled(prev_loss, row)
+
+    def gradient_small(self, row: Row) -> str | None:
+        """‖minimum-norm subgradient‖ ≤ gtol (the gradient itself for a smooth penalty)."""
         g = self.problem.penalty.min_norm_subgradient(row.theta, row.grad)
         if float(np.linalg.norm(g)) <= self.opt.gtol:
             return f"gradient norm ≤ gtol ({self.opt.gtol:g})"
+        return None
+
+    def loss_settled(self, prev_loss: float | None, row: Row) -> str | None:
         if prev_loss is not None and abs(prev_loss - row.loss) <= self.opt.tol * max(abs(row.loss), 1e-300):
             return f"relative loss change ≤ tol ({self.opt.tol:g})"
         return None

@@ -301,7 +301,4 @@ class MiniBatchSGD(Preconditioned):
     def stop_reason(self, prev_loss: float | None, row: Row) -> str | None:
         """The gradient rule on the mini-batch gradient, then the epoch rules (a mini-batch loss changes
         from batch to batch, so the relative-change rule does not apply)."""
-        g = self.problem.penalty.min_norm_subgradient(row.theta, row.grad)
-        if float(np.linalg.norm(g)) <= self.opt.gtol:
-            return f"gradient norm ≤ gtol ({self.opt.gtol:g})"
-        return self.epoch_stop
+        return self.gradient_small(row) or self.epoch_stop

@@ -185,13 +185,7 @@ class LBFGS(Solver):
         """The gradient rule; the relative loss change only for a ``tol`` above rounding level (``FLAT``):
         below it the loss is noise while θ still moves, and the slope-driven line search carries on until the
         gradient norm reaches ``gtol`` or no direction descends any more (``Stalled``)."""
-        g = self.problem.penalty.min_norm_subgradient(row.theta, row.grad)
-        if float(np.linalg.norm(g)) <= self.opt.gtol:
-            return f"gradient norm ≤ gtol ({self.opt.gtol:g})"
-        if self.opt.tol > FLAT and prev_loss is not None and \
-                abs(prev_loss - row.loss) <= self.opt.tol * max(abs(row.loss), 1e-300):
-            return f"relative loss change ≤ tol ({self.opt.tol:g})"
-        return None
+        return self.gradient_small(row) or (self.loss_settled(prev_loss, row) if self.opt.tol > FLAT else None)
 
     def step(self) -> Row:
         cur = self.row

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 
 from pipeline.errors import GradpipeError
 from pipeline.solvers.base import EPS, Row, Solver, Stalled, StopOptions, armijo_ok
@@ -25,17 +26,15 @@ from pipeline.solvers.base import EPS, Row, Solver, Stalled, StopOptions, armijo
 MAX_HALVINGS = 40
 
 
-def newton_direction(H: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, float]:
+def newton_direction(H: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Solve H Δ = −g by Cholesky; if H is not positive definite, add μI (μ from 1e-12·mean diag, ×10)."""
     scale = max(float(np.mean(np.abs(np.diag(H)))), 1e-300)
     mu = 0.0
     while True:
         try:
-            L = np.linalg.cholesky(H + mu * np.eye(len(H)) if mu else H)
-            z = np.linalg.solve(L, -grad)  # triangular systems, solved as general ones: d ≤ 4,096
-            direction = np.linalg.solve(L.T, z)
+            direction = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H + mu * np.eye(len(H)) if mu else H), -grad)
             if np.all(np.isfinite(direction)):
-                return direction, mu
+                return direction
         except np.linalg.LinAlgError:
             pass
         mu = 1e-12 * scale if mu == 0.0 else mu * 10.0
@@ -53,7 +52,7 @@ class Newton(Solver):
 
     def _evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, dict[str, Any]]:
         loss, grad, H, info = self.obj.newton(theta)
-        direction = newton_direction(H, grad)[0] if math.isfinite(loss) else np.zeros_like(grad)
+        direction = newton_direction(H, grad) if math.isfinite(loss) else np.zeros_like(grad)
         return loss, grad, direction, info
 
     def start(self, theta0: np.ndarray) -> Row:
@@ -89,9 +88,8 @@ class Newton(Solver):
                             "values (check `gradpipe runs show`).")
 
     def stop_reason(self, prev_loss: float | None, row: Row) -> str | None:
-        g = self.problem.penalty.min_norm_subgradient(row.theta, row.grad)
-        if float(np.linalg.norm(g)) <= self.opt.gtol:
-            return f"gradient norm ≤ gtol ({self.opt.gtol:g})"
+        if small := self.gradient_small(row):
+            return small
         decrement = -float(row.grad @ row.state["direction"])
         if 0.5 * decrement <= 8 * EPS * max(abs(row.loss), 1e-300):
             return "Newton decrement at rounding level"
