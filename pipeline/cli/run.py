@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"ingest: {result['ingest']['n_rows']} rows × {result['ingest']['n_features']} features in "
           f"{result['ingest']['dataset']} ({len(result['ingest']['appended_files'])} new file(s))")
     warm = f", warm-started from {result['warm_start']}" if result["warm_start"] else ""
-    print(f"train:  run {train['run_id']}: {train['status']} after {train['n_iter']} iterations{warm}; "
-          f"loss {train['loss']:.10g}; {train['seconds_per_iter'] * 1000:.1f} ms/iteration")
+    print(f"train:  run {train['run_id']}: {train['solver']} {train['status']} after {train['n_iter']} "
+          f"iterations{warm}; loss {train['loss']:.10g}; {train['passes']:g} passes, {train['seconds']:.2f} s")
     print("model:  intercept {:.6g}; ".format(train["intercept"]) +
           ", ".join(f"{n} {c:.4g}" for n, c in zip(train["feature_names"], train["coef"], strict=True)))
     print("eval:   " + ", ".join(f"{k} {v:.6g}" for k, v in result["metrics"].items() if isinstance(v, float)))
