@@ -28,6 +28,7 @@ from pipeline import losses
 from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
 from pipeline.families import Family, get_family
+from pipeline.objective import invalid_targets
 from pipeline.store.dataset import open_dataset
 from pipeline.store.runs import RunStore
 
@@ -35,10 +36,6 @@ from pipeline.store.runs import RunStore
 # ---- kernels shipped to the workers (module level: pickled by reference) ---------------------------
 def _metrics(X, y, family: Family, theta, mean, scale, center: float) -> np.ndarray:
     return losses.chunk_metrics(family, X, y, theta, mean, scale, center)
-
-
-def _targets(X, y, family: Family) -> np.ndarray:
-    return losses.chunk_invalid_y(family, y)
 
 
 # ---- run access ------------------------------------------------------------------------------------
@@ -94,7 +91,7 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
     engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
                          itemsize=np.dtype(ds.dtype).itemsize, persist="auto", fan_in=fan_in)
     try:
-        bad, n, sum_y = engine.map_reduce(_targets, family)
+        bad, n, sum_y = engine.map_reduce(invalid_targets, family)
         if bad:
             raise GradpipeError(f"target {ds.target!r} of {ds.path} holds {int(bad)} values outside "
                                 f"{family.y_domain()}; a {family.name} model can only be evaluated on those.")

@@ -33,7 +33,8 @@ def _gram(X, y, mean, scale) -> np.ndarray:
     return losses.chunk_gram(X, mean, scale)
 
 
-def _invalid_y(X, y, family: Family) -> np.ndarray:
+def invalid_targets(X, y, family: Family) -> np.ndarray:
+    """``[#targets outside the family's domain, n, Σ y]`` of a leaf (training's check, evaluate's too)."""
     return losses.chunk_invalid_y(family, y)
 
 
@@ -94,5 +95,5 @@ class ClusterObjective:
 
     def target_summary(self) -> tuple[int, int, float]:
         """(#targets outside the family's domain, n, Σ y): a check, not a solver pass (not counted)."""
-        bad, n, sum_y = self.engine.map_reduce(_invalid_y, self.problem.family)
+        bad, n, sum_y = self.engine.map_reduce(invalid_targets, self.problem.family)
         return int(bad), int(n), float(sum_y)

@@ -176,7 +176,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
         solver.restore(row, store.resume_state["solver"])
         objective.passes = float(store.row("passes", t))
         prev = float(store.row("loss", t - 1)) if t > 0 else None
-        store.set_status("running", warnings=store.warnings)
+        store.set_status("running")
         return _loop(store, begin, solver, objective, config, row, t, prev, time.perf_counter(),
                      float(store.row("elapsed", t)), on_iteration, resumed=True)
     finally:

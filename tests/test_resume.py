@@ -87,18 +87,22 @@ def wait_for_commit(path, at_least: int, alive, deadline_s: float = 120) -> int:
         time.sleep(0.002)
 
 
+def sigkill_training(dataset, runs_dir, scheduler, args: list[str], at: int, run_id: str = "cut") -> None:
+    """Run ``gradpipe train`` in a subprocess and SIGKILL it once iteration ``at`` is committed."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
+                             run_id, "--runs-dir", str(runs_dir), "--scheduler", scheduler, "--quiet", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_commit(runs_dir / f"{run_id}.zarr", at, lambda: proc.poll() is None)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.parametrize("solver, l2", [("momentum", 0.0), ("sgd", 0.0), ("adam", 0.0), ("momentum", 0.5)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(solver, l2, dataset, client, scheduler, tmp_path):
     args = ["--solver", solver, "--max-iter", "150", "--tol", "0", "--gtol", "0", "--seed", "3", "--l2", str(l2)]
     train(dataset, TrainConfig(solver=solver, max_iter=150, tol=0, gtol=0, seed=3, l2=l2), client=client,
           runs_dir=tmp_path, run_id="whole")
-    kill_at = random.Random().randint(3, 60)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(dataset), "--run-id",
-                             "cut", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--quiet", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_commit(tmp_path / "cut.zarr", kill_at, lambda: proc.poll() is None)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_training(dataset, tmp_path, scheduler, args, at=random.Random().randint(3, 60))
     store = RunStore.open(tmp_path / "cut.zarr")
     assert store.attrs["status"] == "running" and store.committed < 150
     result = resume("cut", runs_dir=tmp_path, client=client)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from pipeline.config import TrainConfig
 from pipeline.estimators import write_dataset
 from pipeline.store.runs import RunStore
 from pipeline.training import resume, train
-from tests.test_resume import assert_same, history, wait_for_commit
+from tests.test_resume import assert_same, history, sigkill_training, wait_for_commit
 
 N = 6000
 
@@ -209,12 +208,7 @@ def test_lbfgs_sigkill_then_resume_equals_an_uninterrupted_run(slow_lbfgs, clien
           runs_dir=tmp_path, run_id="whole")
     whole = history(tmp_path, "whole")
     kill_at = random.Random().randint(2, min(20, len(whole["loss"]) - 3))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--dataset", str(slow_lbfgs), "--run-id",
-                             "cut", "--runs-dir", str(tmp_path), "--scheduler", scheduler, "--quiet", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_commit(tmp_path / "cut.zarr", kill_at, lambda: proc.poll() is None)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_training(slow_lbfgs, tmp_path, scheduler, args, at=kill_at)
     assert RunStore.open(tmp_path / "cut.zarr").status == "running"
     resume("cut", runs_dir=tmp_path, client=client)
     assert_same(whole, history(tmp_path, "cut"))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import GradpipeError
 
@@ -33,6 +35,15 @@ def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Pat
         return as_path
     raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
                         f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a float anywhere in a nested record becomes null."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def fmt_time(epoch: float) -> str:

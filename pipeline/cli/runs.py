@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli._common import add_runs_dir, fmt_time
+from pipeline.cli._common import add_runs_dir, fmt_time, json_safe
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -36,15 +36,6 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
 def _num(x: float) -> float | None:
     """JSON has no NaN: a missing value becomes null."""
     return None if x is None or not math.isfinite(float(x)) else float(x)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf anywhere in a nested record → null."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return _num(value) if isinstance(value, float) else value
 
 
 def summary(path: Path) -> dict[str, Any]:
@@ -121,7 +112,7 @@ def run_show(args: argparse.Namespace) -> int:
                           "config": config, "dataset": {k: getattr(meta, k) for k in ("uri", "fingerprint", "target",
                                                                                        "n_rows", "feature_names")},
                           "coef": coef, "intercept": intercept, "warnings": store.warnings,
-                          "inference": _json_safe(store.inference), "history": history}))
+                          "inference": json_safe(store.inference), "history": history}))
         return 0
     print(f"run {info['run_id']}  ({path})")
     print(f"  status     {info['status']}" + (f": {store.message}" if store.message else ""))

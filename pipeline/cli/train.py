@@ -121,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.json:
-        print(json.dumps(result.to_json()))
+        from pipeline.cli._common import json_safe
+
+        print(json.dumps(json_safe(result.to_json())))
     else:
         from pipeline.inference import table
 
