@@ -79,6 +79,23 @@ def wait_for(check, deadline_s: float, what: str):
         time.sleep(0.5)
 
 
+def api_json(method: str, url: str, deadline_s: float = 120, **kw):
+    """One Prefect API call; a 5xx (SQLite busy under load on 2 cores) is retried until the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            r = httpx.request(method, url, timeout=30, **kw)
+        except httpx.TransportError as exc:
+            r, err = None, repr(exc)
+        else:
+            err = f"{r.status_code}: {r.text[:2000]}"
+            if r.status_code < 500:
+                assert r.is_success, f"{method} {url} -> {err}"
+                return r.json()
+        assert time.monotonic() < deadline, f"{method} {url}: no answer within {deadline_s} s (last: {err})"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
@@ -156,20 +173,20 @@ def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
         assert np.array_equal(y[m["row_start"]:m["row_stop"]], want_y), m["path"]
 
     # the flow run is recorded in the stack's Prefect server, completed
-    runs = httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+    runs = api_json("POST", f"{api}/flow_runs/filter", json={
         "flows": {"name": {"any_": ["gradpipe-pipeline"]}},
-        "flow_runs": {"deployment_id": {"is_null_": True}}}).json()
+        "flow_runs": {"deployment_id": {"is_null_": True}}})
     assert [fr["state_type"] for fr in runs] == ["COMPLETED"], runs
 
     # `gradpipe serve` serves the deployment, and a run of it executes on the stack
-    dep = httpx.get(f"{api}/deployments/name/gradpipe-pipeline/scheduled", timeout=30).json()
+    dep = api_json("GET", f"{api}/deployments/name/gradpipe-pipeline/scheduled")
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == [NEVER]
     t0 = time.monotonic()
-    fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=30).json()
+    fr = api_json("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={})
     final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
     def finished():
-        got = httpx.get(f"{api}/flow_runs/{fr['id']}", timeout=30).json()
+        got = api_json("GET", f"{api}/flow_runs/{fr['id']}")
         return got if got["state_type"] in final else None
 
     got = wait_for(finished, 300, "the served deployment's run")
@@ -183,7 +200,7 @@ def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
     for argv in (["work-pool", "create", "gradpipe", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
         r = subprocess.run([prefect, *argv], capture_output=True, text=True, timeout=300, env=penv, cwd=ROOT)
         assert r.returncode == 0, (argv, r.stdout[-3000:], r.stderr[-3000:])
-    dep = httpx.get(f"{api}/deployments/name/gradpipe-pipeline/scheduled", timeout=30).json()
+    dep = api_json("GET", f"{api}/deployments/name/gradpipe-pipeline/scheduled")
     assert dep["work_pool_name"] == "gradpipe" and dep["entrypoint"] == "flows/pipeline.py:pipeline_flow"
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 * * * *"]
 
