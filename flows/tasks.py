@@ -21,7 +21,7 @@ from pipeline.cluster import dask_client
 from pipeline.evaluate import evaluate, load_model
 from pipeline.ingest import ingest
 from pipeline.problem import to_original
-from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published
+from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published, run_converged
 from pipeline.report import loss_curve_png, markdown
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
@@ -114,9 +114,11 @@ def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: 
                     old_metrics = evaluate(old_path, s.dataset, client)
             else:
                 old_metrics = published["metrics"]
-        decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance)
-        log.info("publish %s: %s", "yes" if decision.publish else "no", decision.reason)
         store = RunStore.open(run_uri, mode="r+")
+        decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance,
+                          converged=run_converged(store), allow_unconverged=s.allow_unconverged)
+        (log.info if decision.publish else log.warning)("publish %s: %s", "yes" if decision.publish else "no",
+                                                        decision.reason)
         store.annotate(metrics=metrics, publish=decision.to_json())
         if decision.publish:
             target = publish(s.models_dir, load_model(run_uri), metrics)

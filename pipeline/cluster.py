@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -70,8 +72,24 @@ def cluster_address(scheduler: str | None = None, workers: int | None = None,
     if address:
         yield address
         return
-    with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=f"127.0.0.1:{dashboard_port}",
-                      silence_logs=logging.CRITICAL) as cluster:
+    with _sigint_ignored():  # workers spawned now inherit SIG_IGN (see pipeline.worker_setup)
+        cluster = LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=f"127.0.0.1:{dashboard_port}",
+                               silence_logs=logging.CRITICAL, preload=["pipeline.worker_setup"])
+    with cluster:
         logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler chats at INFO
         yield cluster.scheduler_address
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the embedded cluster spawns its worker processes: a terminal's Ctrl-C reaches the
+    whole process group, and only the driver should act on it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

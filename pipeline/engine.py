@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from distributed import Client, Future, get_worker, wait
 
+from pipeline.errors import GradpipeError
 from pipeline.store.dataset import read_rows
 
 Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, leaf position)
@@ -43,6 +46,11 @@ LEAF_BYTES = 16 * 2**20  # at most this much X per leaf: ≥ 4 leaves per 64 MiB
 # A worker joins in only for this much data: a second task per iteration costs ~1.5 ms of round trip, and
 # half a pass over 32 MiB saves ~2 ms (the fused kernel reads ~8 GB/s per core). Tiny data: one task.
 MIN_BYTES_PER_WORKER = 32 * 2**20
+# How often a pass in flight checks that the workers its tasks wait for still exist. Dask reschedules a task
+# whose worker died only onto a worker its restriction names, so a task pinned to a dead worker would wait
+# for ever; the check re-places it on the living workers. Completed passes return at once, not after a poll.
+POLL_SECONDS = 1.0
+WORKER_DEADLINE = 120.0  # with no worker left, wait this long for one to (re)join before giving up
 
 
 def add(parts: list[np.ndarray]) -> np.ndarray:
@@ -82,9 +90,16 @@ def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray
     return read_rows(path, start, stop)
 
 
+_prepared = False
+
+
 def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
     """One worker's share of an iteration. The arguments travel pickled: as plain task arguments, Dask would
     walk every nested list of ranges and keys looking for dependencies (~0.7 ms of driver time per call)."""
+    global _prepared
+    if not _prepared:  # a worker that joined (or was restarted) after the engine set the others up
+        _prepare_worker()
+        _prepared = True
     kernel, args, combine, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
     leaves = {(0, i): kernel(*_leaf(path, a, b, k), *args) for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True)}
     return reduce_tree(leaves, n_leaves, fan_in, combine)
@@ -138,6 +153,8 @@ class ChunkEngine:
         self.layout = ChunkLayout.regular(n_rows, chunk_rows, n_features, itemsize)
         self.n_rows = n_rows
         self.nbytes = n_rows * (n_features + 1) * itemsize
+        # task names the dashboard shows: gradpipe-load-<dataset>-<leaf>, gradpipe-pass-<name>-<pass>-<group>
+        self.name = Path(str(store).rstrip("/")).name.removesuffix(".zarr")
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
         if not workers:
             raise RuntimeError("the Dask cluster has no workers")
@@ -145,19 +162,24 @@ class ChunkEngine:
         if persist == "auto":
             persist = "yes" if not memory or self.nbytes <= PERSIST_FRACTION * memory else "no"
         self.persisted = persist == "yes"
-        used = max(1, min(len(workers), self.nbytes // MIN_BYTES_PER_WORKER))
-        self.workers = [addr for addr, _ in workers][:used]
+        self._wanted = max(1, self.nbytes // MIN_BYTES_PER_WORKER)
+        self.workers = [addr for addr, _ in workers][:self._wanted]
         client.run(_prepare_worker)
         self.chunks: list[Future] = []
+        self._calls = self._resubmits = 0
         if self.persisted:
-            self.chunks = [client.submit(read_rows, store, a, b, workers=[self._owner(i)], allow_other_workers=True,
-                                         pure=False) for i, (a, b) in enumerate(self.layout.bounds)]
+            self.chunks = [self._load(i) for i in range(len(self.layout))]
             wait(self.chunks)
             for f in self.chunks:
                 if f.status == "error":
                     f.result()
-        self._calls = 0
         self._plan()
+
+    def _load(self, position: int) -> Future:
+        a, b = self.layout.bounds[position]
+        return self.client.submit(read_rows, self.store, a, b, workers=[self._owner(position)],
+                                  allow_other_workers=True, pure=False,
+                                  key=f"gradpipe-load-{self.name}-{position}-{self._resubmits}")
 
     def _owner(self, position: int) -> str:
         """Contiguous ranges of leaves per worker, balanced by rows (leaf sizes differ at chunk ends)."""
@@ -186,20 +208,22 @@ class ChunkEngine:
             self._plan()  # follow leaves that moved after a worker left or joined
         index = None if positions is None else {p: i for i, p in enumerate(sorted(set(positions)))}
         n_leaves = len(self.layout) if index is None else len(index)
-        futures = []
+        spec = (kernel, args, combine, index, n_leaves)
+        jobs: list[tuple[Future, str, list[int]]] = []
         for worker, group in self.groups:
             mine = group if index is None else [p for p in group if p in index]
-            if not mine:
-                continue
-            keys = [self.chunks[p].key if self.persisted else None for p in mine]
-            payload = pickle.dumps((kernel, args, combine, mine if index is None else [index[p] for p in mine],
-                                    n_leaves, self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
-                                   protocol=pickle.HIGHEST_PROTOCOL)
-            futures.append(self.client.submit(_run_group, payload, workers=[worker], allow_other_workers=True,
-                                              pure=False))
+            if mine:
+                jobs.append((self._submit(spec, worker, mine, len(jobs)), worker, mine))
         nodes: dict[Node, np.ndarray] = {}
-        for part in self.client.gather(futures, direct=True):
-            nodes.update(part)
+        while jobs:
+            try:
+                wait([f for f, _, _ in jobs], timeout=POLL_SECONDS)
+            except TimeoutError:
+                jobs = self._replace_lost(spec, jobs)
+                continue
+            for part in self.client.gather([f for f, _, _ in jobs], direct=True):
+                nodes.update(part)
+            jobs = []
         if combine is add:
             root = reduce_tree(nodes, n_leaves, self.fan_in)
         else:  # LAPACK on the driver: one thread, as on the workers, so the bits do not depend on where it ran
@@ -213,6 +237,52 @@ class ChunkEngine:
         # BLAS on the driver takes other (differently rounded) paths for misaligned data — a resumed run,
         # reading the same values from Zarr, would not repeat the bits.
         return np.array(next(iter(root.values())), dtype=np.float64, order="C", copy=True)
+
+    def _submit(self, spec: tuple, worker: str, mine: list[int], group: int) -> Future:
+        kernel, args, combine, index, n_leaves = spec
+        keys = [self.chunks[p].key if self.persisted else None for p in mine]
+        payload = pickle.dumps((kernel, args, combine, mine if index is None else [index[p] for p in mine],
+                                n_leaves, self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
+                               protocol=pickle.HIGHEST_PROTOCOL)
+        return self.client.submit(_run_group, payload, workers=[worker], allow_other_workers=True, pure=False,
+                                  key=f"gradpipe-pass-{self.name}-{self._calls}-{group}-{self._resubmits}")
+
+    def _replace_lost(self, spec: tuple, jobs: list[tuple[Future, str, list[int]]]
+                      ) -> list[tuple[Future, str, list[int]]]:
+        """Re-place the tasks of a pass whose worker is gone onto the workers that exist (waiting for one to
+        join if none is left). Which leaves are combined with which does not change: neither do the bits."""
+        alive = self._alive()
+        lost = [(f, w, mine) for f, w, mine in jobs if w not in alive and not f.done()]
+        if not lost:
+            return jobs
+        deadline = time.monotonic() + WORKER_DEADLINE
+        while not alive:
+            if time.monotonic() > deadline:
+                raise GradpipeError(f"every Dask worker is gone and none came back within {WORKER_DEADLINE:g} s; "
+                                    "the committed iterations are kept: start workers and resume the run.")
+            time.sleep(0.2)  # a poll with a deadline: nannies restart killed workers within seconds
+            alive = self._alive()
+        self._resubmits += 1
+        self.client.cancel([f for f, _, _ in lost])
+        self.workers = alive[:self._wanted]
+        if self.persisted:  # the gone workers' leaves: load them again on their new owners
+            who = self.client.who_has(self.chunks)
+            for i, f in enumerate(self.chunks):
+                if not set(who.get(f.key) or ()) & set(alive):
+                    f.release()
+                    self.chunks[i] = self._load(i)
+        kept = [job for job in jobs if job not in lost]
+        regrouped: dict[str, list[int]] = {}
+        for _, _, mine in lost:
+            for p in mine:
+                regrouped.setdefault(self._owner(p), []).append(p)
+        for worker, mine in sorted(regrouped.items(), key=lambda g: g[1][0]):
+            kept.append((self._submit(spec, worker, mine, len(kept)), worker, mine))
+        self._plan()  # later passes go straight to the living workers
+        return kept
+
+    def _alive(self) -> list[str]:
+        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
 
     def close(self) -> None:
         for f in self.chunks:

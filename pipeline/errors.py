@@ -8,3 +8,11 @@ class GradpipeError(Exception):
     """
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C (or SIGTERM) while a run stops: leave at once, saying how to continue."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

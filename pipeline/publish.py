@@ -30,9 +30,17 @@ class Decision:
 
 
 def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[str, float] | None,
-           published_run: str | None, tolerance: float = 0.0) -> Decision:
+           published_run: str | None, tolerance: float = 0.0, *, converged: bool = True,
+           allow_unconverged: bool = False) -> Decision:
+    """Publish when the new model is not worse than the published one, and only a converged one unless the
+    user allows otherwise: a run cut short by its budget is not the model its settings describe."""
     metric = get_family(model).gate_metric  # lower is better
     new = float(new_metrics[metric])
+    if not converged and not allow_unconverged:
+        return Decision(False, metric, new, None if published_metrics is None else float(published_metrics[metric]),
+                        published_run, "the run did not converge (it ended on its iteration or time budget); "
+                        "raise max_iter / time_budget, or allow it with --allow-unconverged "
+                        "(allow_unconverged = true in the settings)")
     if published_metrics is None:
         return Decision(True, metric, new, None, None, "no model published yet")
     old = float(published_metrics[metric])
@@ -40,6 +48,11 @@ def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[st
     verdict = "not worse than" if ok else "worse than"
     return Decision(ok, metric, new, old, published_run,
                     f"{metric} {new:.6g} is {verdict} the published {old:.6g} (run {published_run})")
+
+
+def run_converged(store: RunStore) -> bool:
+    """Whether a run met its tolerance (stores written before the ``converged`` attribute: by its status)."""
+    return bool(store.attrs.get("converged", store.status == "converged"))
 
 
 def exclusive(models_dir: Path) -> AbstractContextManager[None]:

@@ -30,6 +30,7 @@ class Settings:
     dtype: str = "float64"
     on_invalid: str = "error"
     publish_tolerance: float = 0.0  # publish when new metric ≤ published metric × (1 + tolerance)
+    allow_unconverged: bool = False  # publish a run that ended on max_iter/time_budget (normally refused)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property

@@ -28,7 +28,7 @@ from pipeline import __version__, inference
 from pipeline.checkpoint import CheckpointWriter
 from pipeline.config import TrainConfig
 from pipeline.engine import ChunkEngine
-from pipeline.errors import GradpipeError
+from pipeline.errors import GradpipeError, Interrupted
 from pipeline.objective import ClusterObjective
 from pipeline.problem import Problem
 from pipeline.solvers import Row, Solver, Stalled, make_solver, resolve
@@ -61,11 +61,16 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     inference: dict[str, Any] | None = None
 
+    @property
+    def converged(self) -> bool:
+        """Whether the solver met its tolerance (a budget or a signal ended the run otherwise)."""
+        return self.status == "converged"
+
     def to_json(self) -> dict[str, Any]:
         keys = ("run_id", "run_uri", "status", "message", "n_iter", "loss", "intercept", "feature_names",
                 "seconds", "seconds_per_iter", "passes", "checkpoint_seconds", "checkpoint_write_seconds", "model",
                 "solver", "warnings", "inference")
-        return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist(),
+        return {**{k: getattr(self, k) for k in keys}, "coef": self.coef.tolist(), "converged": self.converged,
                 "passes_per_iter": self.passes_per_iter}
 
     @property
@@ -75,15 +80,22 @@ class FitResult:
 
 
 @contextlib.contextmanager
-def _stop_signals() -> Iterator[dict[str, int]]:
-    """SIGINT/SIGTERM set a flag; the loop finishes the iteration in flight, checkpoints and stops."""
+def _stop_signals(run_id: str, runs_dir: Path) -> Iterator[dict[str, int]]:
+    """The first SIGINT/SIGTERM sets a flag: the loop finishes the iteration in flight, checkpoints and stops.
+    A second one raises :class:`Interrupted` at once; the committed rows stay resumable."""
     flag: dict[str, int] = {}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    again = f"gradpipe train --resume {run_id} --runs-dir {runs_dir}"
 
     def handler(signum, _frame):
+        if "signal" in flag:
+            raise Interrupted(f"run {run_id} interrupted by a second {signal.Signals(signum).name}; "
+                              f"its committed iterations are kept; resume with: {again}")
         flag["signal"] = signum
+        log.warning("%s: stopping after the iteration in flight (again to stop at once)",
+                    signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -148,6 +160,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
          on_iteration: OnIteration | None) -> FitResult:
     """The setup train and resume share: engine, objective, solver; then the loop."""
     engine = _engine(client, ds, config)
+    engine.name = begin.run_id  # the dashboard shows gradpipe-pass-<run id>-<pass>
     try:
         objective = ClusterObjective(engine, problem)
         solver = make_solver(config.solver, config, problem, objective)
@@ -286,60 +299,69 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
         return elapsed0 + time.perf_counter() - t0
 
     status, message, final_state = "running", "", None
-    with _stop_signals() as stop, contextlib.closing(writer):
-        if not resumed:
-            rec = _record(row, elapsed(), objective.passes, problem)
-            pending.append(rec)
-            flush()
-            _report(on_iteration, 0, rec)
-        while True:
-            converged = solver.stop_reason(prev_loss, row)
-            if "signal" in stop:
-                status = "stopped"
-                message = f"stopped by signal {signal.Signals(stop['signal']).name} after iteration {t}"
-            elif converged:
-                status, message = "converged", converged
-            elif t >= config.max_iter:
-                status, message = "max_iter", f"reached --max-iter {config.max_iter}"
-            elif config.time_budget is not None and elapsed() >= config.time_budget:
-                status, message = "time_budget", f"reached --time-budget {config.time_budget:g} s"
-            if status != "running":
-                break
-            it0 = time.perf_counter()
-            if steps == 0:
-                loop_t0 = it0
-            before = solver.resume_state()  # the state of row t, kept if the step diverges
-            try:
-                new = solver.step()
-            except Stalled as done:  # nothing new: row t stays the last, with its own solver state
-                status, message, final_state = "converged", str(done), before
-                break
-            if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
-                flush(before)
-                writer.close()
-                store.finalize()
-                msg = (f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "
-                       f"the last good θ (iteration {t}) is kept. "
-                       + (f"Lower --lr (now {config.lr:g}) or use --lr auto." if config.lr != "auto" else
-                          "Check the data for extreme values, or try --solver gd."))
-                store.set_status("diverged", msg)
-                raise GradpipeError(msg)
-            prev_loss, row, t, steps = row.loss, new, t + 1, steps + 1
-            rec = _record(row, elapsed(), objective.passes, problem)
-            pending.append(rec)
-            if len(pending) >= config.checkpoint_every:
+    with _stop_signals(begin.run_id, begin.path.parent) as stop, contextlib.closing(writer):
+        try:
+            if not resumed:
+                rec = _record(row, elapsed(), objective.passes, problem)
+                pending.append(rec)
                 flush()
-            log.info("iter %d loss %.10g |g| %.3g lr %.3g %.3fs", t, row.loss, rec["grad_norm"], row.lr,
-                     time.perf_counter() - it0)
-            _report(on_iteration, t, rec)
-        loop_seconds = time.perf_counter() - loop_t0 if steps else 0.0
-        flush(final_state)
+                _report(on_iteration, 0, rec)
+            while True:
+                converged = solver.stop_reason(prev_loss, row)
+                if "signal" in stop:
+                    status = "stopped"
+                    message = f"stopped by signal {signal.Signals(stop['signal']).name} after iteration {t}"
+                elif converged:
+                    status, message = "converged", converged
+                elif t >= config.max_iter:
+                    status, message = "max_iter", f"reached --max-iter {config.max_iter}"
+                elif config.time_budget is not None and elapsed() >= config.time_budget:
+                    status, message = "time_budget", f"reached --time-budget {config.time_budget:g} s"
+                if status != "running":
+                    break
+                it0 = time.perf_counter()
+                if steps == 0:
+                    loop_t0 = it0
+                before = solver.resume_state()  # the state of row t, kept if the step diverges
+                try:
+                    new = solver.step()
+                except Stalled as done:  # nothing new: row t stays the last, with its own solver state
+                    status, message, final_state = "converged", str(done), before
+                    break
+                if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
+                    flush(before)
+                    writer.close()
+                    store.finalize()
+                    msg = (f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "
+                           f"the last good θ (iteration {t}) is kept. "
+                           + (f"Lower --lr (now {config.lr:g}) or use --lr auto." if config.lr != "auto" else
+                              "Check the data for extreme values, or try --solver gd."))
+                    store.set_status("diverged", msg)
+                    raise GradpipeError(msg)
+                prev_loss, row, t, steps = row.loss, new, t + 1, steps + 1
+                rec = _record(row, elapsed(), objective.passes, problem)
+                pending.append(rec)
+                if len(pending) >= config.checkpoint_every:
+                    flush()
+                log.info("iter %d loss %.10g |g| %.3g lr %.3g %.3fs", t, row.loss, rec["grad_norm"], row.lr,
+                         time.perf_counter() - it0)
+                _report(on_iteration, t, rec)
+            loop_seconds = time.perf_counter() - loop_t0 if steps else 0.0
+            flush(final_state)
+        except Interrupted as stop_now:  # the rows handed to the writer are still written (closing waits)
+            writer.close()
+            store.finalize()
+            store.set_status("stopped", stop_now.message, converged=False)
+            raise
     store.finalize()
     for w in solver.warnings:
         log.warning("%s", w)
-    warnings = list(dict.fromkeys(store.warnings + solver.warnings))
+    budget = [_unconverged_warning(status, message, row)] if status in ("max_iter", "time_budget") else []
+    for w in budget:
+        log.warning("%s", w)
+    warnings = list(dict.fromkeys(store.warnings + solver.warnings + budget))
     stats = _inference(solver, objective, row, status)
-    store.set_status(status, message, warnings=warnings, inference=stats)
+    store.set_status(status, message, warnings=warnings, inference=stats, converged=status == "converged")
     seconds = elapsed() - elapsed0
     coef, intercept = problem.to_original(row.theta)
     return FitResult(
@@ -348,6 +370,15 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
         seconds_per_iter=loop_seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
         checkpoint_write_seconds=writer.busy_seconds, model=config.model, solver=solver.name,
         loss_history=store.column("loss"), warnings=warnings, inference=stats)
+
+
+def _unconverged_warning(status: str, message: str, row: Row) -> str:
+    """The loud line for a run that ran out of budget before its tolerance: what was reached, what to change."""
+    change = ("raise --max-iter (or max_iter)" if status == "max_iter" else "raise --time-budget (or time_budget)")
+    return (f"NOT CONVERGED: {message} with ‖∇L‖ = {np.linalg.norm(row.grad):.3g} before the tolerance (--tol, "
+            f"--gtol) was met; "
+            f"{change}, or pick a faster solver (--solver auto/newton/lbfgs). The model is not the optimum; "
+            "the quality gate will not publish it unless --allow-unconverged.")
 
 
 def _report(callback: OnIteration | None, t: int, rec: dict[str, Any]) -> None:

@@ -28,6 +28,9 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--solver", choices=SOLVERS)
     p.add_argument("--max-iter", type=int)
+    p.add_argument("--allow-unconverged", action="store_true", default=None,
+                   help="let the quality gate publish a run that ended on its iteration or time budget "
+                        "(refused by default)")
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -52,7 +55,7 @@ def _load(args: argparse.Namespace):
     from pipeline.settings import load
 
     overrides = {k: getattr(args, k) for k in ("name", "raw", "target", "data_dir", "scheduler", "workers", "model",
-                                                 "solver", "max_iter")}
+                                                 "solver", "max_iter", "allow_unconverged")}
     return load(args.config, overrides)
 
 

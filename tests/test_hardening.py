@@ -1,0 +1,205 @@
+"""What a terminal, a dying cluster and a run cut short do to training (issue: hardening).
+
+- Ctrl-C in a terminal reaches the whole process group: the driver *and* the embedded cluster's workers.
+  The tests run the CLI in its own session on a pty and signal the group, as a terminal does.
+- Every worker killed mid-run: the nannies restart them, the pass is re-placed, the history is unchanged.
+- A run that ends on its budget says so (``converged: false``) and the quality gate refuses to publish it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig
+from pipeline.ingest import ingest
+from pipeline.publish import decide
+from pipeline.store.runs import RunStore
+from pipeline.training import train
+from tests.conftest import make_xy, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("hardening")
+    X, y = make_xy(6000, 5, seed=4)
+    write_csv(root / "a.csv", X, y)
+    ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.02)  # 15 chunks
+    return root / "ds.zarr"
+
+
+def wait_until(check, deadline_s: float, what: str):
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
+        time.sleep(0.1)
+
+
+def committed(store: Path) -> int:
+    try:
+        return RunStore.open(store).committed
+    except Exception:  # noqa: BLE001 - not created yet, or being created
+        return -1
+
+
+class Terminal:
+    """A command in its own session with a pty as its terminal: ``interrupt`` is a terminal's Ctrl-C."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None):
+        master, slave = pty.openpty()
+        self.master = master
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, start_new_session=True,
+                                     env={**os.environ, "COLUMNS": "200", **(env or {})})
+        os.close(slave)
+        self.output = b""
+
+    def running(self) -> bool:
+        if self.proc.poll() is not None:
+            self._drain()
+            raise AssertionError(f"exited {self.proc.returncode}:\n{self.output.decode(errors='replace')[-3000:]}")
+        return True
+
+    def interrupt(self, sig: int = signal.SIGINT) -> None:
+        os.killpg(self.proc.pid, sig)  # the whole foreground group, workers included
+
+    def finish(self, deadline_s: float) -> tuple[int, str]:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            self._drain()
+            if self.proc.poll() is not None:
+                self._drain()
+                return self.proc.returncode, self.output.decode(errors="replace")
+            time.sleep(0.05)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        raise AssertionError(f"did not exit within {deadline_s} s:\n{self.output.decode(errors='replace')[-3000:]}")
+
+    def _drain(self) -> None:
+        import select
+
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self.master)
+
+
+def gradpipe() -> list[str]:
+    script = Path(sys.executable).parent / "gradpipe"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_in_a_terminal_stops_train_and_leaves_a_resumable_run(presses, dataset, tmp_path, scheduler):
+    """Fails without the shielded workers: they die of the terminal's SIGINT and the driver waits for ever."""
+    store = tmp_path / "runs" / "ctrlc.zarr"
+    term = Terminal([*gradpipe(), "train", "--dataset", str(dataset), "--runs-dir", str(tmp_path / "runs"),
+                     "--run-id", "ctrlc", "--solver", "gd", "--no-standardize", "--tol", "0", "--gtol", "0",
+                     "--max-iter", "1000000", "--workers", "2"], cwd=tmp_path)
+    try:
+        wait_until(lambda: term.running() and committed(store) >= 3, 120, "training started")
+        for _ in range(presses):  # a second press lands while the run stops
+            term.interrupt()
+        rc, out = term.finish(30)
+    finally:
+        term.close()
+    assert rc == 130, out[-3000:]
+    assert f"gradpipe train --resume ctrlc --runs-dir {tmp_path / 'runs'}" in out, out[-3000:]
+    run = RunStore.open(store)
+    assert run.status == "stopped" and run.committed >= 3, (run.status, run.committed)
+    before = run.committed
+    rc = main(["train", "--resume", "ctrlc", "--runs-dir", str(tmp_path / "runs"), "--max-iter", str(before + 3),
+               "--scheduler", scheduler, "--quiet"])
+    assert rc == 0 and RunStore.open(store).committed == before + 3
+
+
+def test_every_worker_killed_mid_run_the_run_completes_bitwise(dataset, tmp_path):
+    """Fails before the engine re-placed lost passes: the pass pinned to dead workers waited for ever."""
+    cfg = TrainConfig(solver="gd", max_iter=20, tol=0, gtol=0, standardize=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
+        clean = train(dataset, cfg, client=c, runs_dir=tmp_path, run_id="clean")
+        pids = set(c.run(os.getpid).values())
+
+        def kill_all(t, _rec):
+            if t == 8:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+
+        killed = train(dataset, cfg, client=c, runs_dir=tmp_path, run_id="killed", on_iteration=kill_all)
+        after = set(c.run(os.getpid).values())
+    assert not pids & after  # the workers that finished the run are the restarted ones
+    a, b = (RunStore.open(tmp_path / f"{r}.zarr").history() for r in ("clean", "killed"))
+    for name in ("theta", "grad", "loss"):
+        assert np.array_equal(a[name], b[name]), name  # bitwise: the same tree, whoever computed the leaves
+    assert killed.n_iter == clean.n_iter == 20
+
+
+def test_a_run_cut_short_says_so_and_is_not_published(dataset, tmp_path, scheduler, capsys):
+    rc = main(["train", "--dataset", str(dataset), "--runs-dir", str(tmp_path), "--run-id", "short", "--solver", "gd",
+               "--no-standardize", "--max-iter", "3", "--scheduler", scheduler, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["converged"] is False and result["status"] == "max_iter"
+    assert any("NOT CONVERGED" in w and "--max-iter" in w for w in result["warnings"])
+    store = RunStore.open(tmp_path / "short.zarr")
+    assert store.attrs["converged"] is False
+    metrics = {"rmse": 1.0}
+    refused = decide("linear", metrics, None, None, converged=False)
+    assert not refused.publish and "--allow-unconverged" in refused.reason
+    assert decide("linear", metrics, None, None, converged=False, allow_unconverged=True).publish
+
+    rc = main(["train", "--dataset", str(dataset), "--runs-dir", str(tmp_path), "--run-id", "full", "--solver",
+               "exact", "--scheduler", scheduler, "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["converged"] is True and not any("NOT CONVERGED" in w for w in result["warnings"])
+    assert RunStore.open(tmp_path / "full.zarr").attrs["converged"] is True
+
+
+def test_the_pipeline_does_not_publish_an_unconverged_run(tmp_path, scheduler, prefect_server):
+    """Fails before the gate looked at convergence: a run stopped at max_iter was published as the first model."""
+    from flows.pipeline import pipeline_flow
+    from pipeline.settings import load
+
+    X, y = make_xy(2000, 3, seed=9)
+    (tmp_path / "raw").mkdir()
+    write_csv(tmp_path / "raw" / "a.csv", X, y)
+
+    def settings(**extra):
+        return load(overrides={"name": "u", "raw": [str(tmp_path / "raw")], "target": "y", "chunk_mb": 0.02,
+                               "data_dir": str(tmp_path / "data"), "scheduler": scheduler, "solver": "gd",
+                               "max_iter": 2, **extra}).to_dict()
+
+    latest = tmp_path / "data" / "models" / "u" / "latest.json"
+    result = pipeline_flow(settings())
+    assert result["train"]["converged"] is False and not result["publish"]["publish"]
+    assert "did not converge" in result["publish"]["reason"] and not latest.exists()
+    result = pipeline_flow(settings(allow_unconverged=True))
+    assert result["publish"]["publish"] and json.loads(latest.read_text())["run_id"] == result["train"]["run_id"]
