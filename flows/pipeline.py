@@ -19,21 +19,21 @@ def _settings(settings: dict[str, Any] | None) -> Settings:
 @flow(name="gradpipe-ingest", log_prints=True)
 def ingest_flow(settings: dict[str, Any] | None = None) -> dict[str, Any]:
     s = _settings(settings)
-    with cluster_address(s.scheduler, s.workers or None) as address:
+    with cluster_address(s.scheduler, s.workers or None, security=s.tls_security()) as address:
         return ingest_task(s.to_dict(), address)
 
 
 @flow(name="gradpipe-train", log_prints=True)
 def train_flow(settings: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
     s = _settings(settings)
-    with cluster_address(s.scheduler, s.workers or None) as address:
+    with cluster_address(s.scheduler, s.workers or None, security=s.tls_security()) as address:
         return train_task(s.to_dict(), address, run_id or new_run_id(s.name), None)
 
 
 @flow(name="gradpipe-evaluate", log_prints=True)
 def evaluate_flow(run_uri: str, settings: dict[str, Any] | None = None) -> dict[str, float]:
     s = _settings(settings)
-    with cluster_address(s.scheduler, s.workers or None) as address:
+    with cluster_address(s.scheduler, s.workers or None, security=s.tls_security()) as address:
         return evaluate_task(s.to_dict(), address, run_uri)
 
 
@@ -42,7 +42,7 @@ def pipeline_flow(settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest new raw files → train (warm-started when the data grew) → evaluate → publish if not worse."""
     s = _settings(settings)
     log = get_run_logger()
-    with cluster_address(s.scheduler, s.workers or None) as address:
+    with cluster_address(s.scheduler, s.workers or None, security=s.tls_security()) as address:
         cfg = s.to_dict()
         ingested = ingest_task(cfg, address)
         warm = warm_start_task(cfg)

@@ -31,6 +31,10 @@ class Settings:
     on_invalid: str = "error"
     publish_tolerance: float = 0.0  # publish when new metric ≤ published metric × (1 + tolerance)
     allow_unconverged: bool = False  # publish a run that ended on max_iter/time_budget (normally refused)
+    tls: bool = False  # Dask comms over TLS (see pipeline.tls); implied by the three files below
+    tls_ca: str = ""  # PEM paths: the cluster's CA, this side's certificate and private key
+    tls_cert: str = ""
+    tls_key: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -69,7 +73,17 @@ class Settings:
         """Resolve every path against the current directory (see the module docstring)."""
         self.data_dir = str(Path(self.data_dir).absolute())
         self.raw = [r if "://" in r else str(Path(r).absolute()) for r in self.raw]
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).absolute()))
         return self
+
+    def tls_security(self):
+        """distributed's ``Security`` for these settings, or None when TLS is off (``pipeline.tls``)."""
+        from pipeline import tls
+
+        return tls.resolve(self.tls, self.tls_ca, self.tls_cert, self.tls_key,
+                           external=bool(self.scheduler), source="the settings")
 
 
 def _coerce(value: str, like: Any) -> Any:

@@ -49,6 +49,7 @@ class StackOptions:
     interval: float | None = None
     serve_settings: list[str] = field(default_factory=list)  # settings flags for `gradpipe serve`
     timeout: float = 180.0  # seconds each component gets to become ready
+    tls: bool = False  # Dask comms over TLS with a throw-away CA in DIR/tls (see pipeline.tls)
 
     def schedule(self) -> str:
         return f"every {self.interval:g} s" if self.interval else f"cron '{self.cron or '0 * * * *'}'"
@@ -82,6 +83,7 @@ class StackState:
     started: float
     ready_s: float | None = None
     components: list[Component] = field(default_factory=list)
+    tls: dict[str, str] | None = None  # GRADPIPE_TLS_CA/CERT/KEY → paths (never a key's contents)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StackState:
@@ -91,7 +93,8 @@ class StackState:
 
     def env(self) -> dict[str, str]:
         """What a client exports to use this stack."""
-        return {"PREFECT_API_URL": self.prefect_api_url, "DASK_SCHEDULER_ADDRESS": self.scheduler_address}
+        return {"PREFECT_API_URL": self.prefect_api_url, "DASK_SCHEDULER_ADDRESS": self.scheduler_address,
+                **(self.tls or {})}
 
 
 class StartError(GradpipeError):
@@ -337,6 +340,19 @@ def _served_since(api_url: str, deployment: str, since: float) -> bool:
     return updated >= since - 1.0
 
 
+def dask_argv(state: StackState, stack_dir: Path, sp: int, dp: int, worker_memory: str | None,
+              tls_files) -> tuple[list[str], list[str]]:
+    """The ``dask scheduler`` and ``dask worker`` command lines (the worker's without ``--name``)."""
+    secure = tls_files.dask_flags() if tls_files else []
+    sched = [*_exe("dask"), "scheduler", "--host", HOST, "--port", str(sp), "--dashboard-address", f"{HOST}:{dp}",
+             *secure]
+    worker = [*_exe("dask"), "worker", state.scheduler_address, "--nthreads", "1", "--host", HOST,
+              "--dashboard-address", f"{HOST}:0", "--local-directory", str(stack_dir / "dask-worker-space"), *secure]
+    if worker_memory:
+        worker += ["--memory-limit", worker_memory]
+    return sched, worker
+
+
 def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
        ) -> StackState:
     """Start the stack, wait until every component is ready, and return its state.
@@ -361,14 +377,21 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
     sp, dp, pp = ports["scheduler_port"], ports["dashboard_port"], ports["prefect_port"]
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     prefect_home = base_env.get("PREFECT_HOME") or str(stack_dir / "prefect")
-    state = StackState(dir=str(stack_dir), scheduler_address=f"tcp://{HOST}:{sp}",
+    tls_files = None
+    if opts.tls:
+        from pipeline import tls
+
+        tls_files = tls.generate(stack_dir / "tls", hosts=(HOST, "localhost"))
+    state = StackState(dir=str(stack_dir), scheduler_address=f"{'tls' if tls_files else 'tcp'}://{HOST}:{sp}",
                        dashboard_url=f"http://{HOST}:{dp}/status", prefect_url=f"http://{HOST}:{pp}",
                        prefect_api_url=f"http://{HOST}:{pp}/api", prefect_home=prefect_home,
                        deployment=f"{FLOW_NAME}/{opts.deployment}" if opts.serve else None,
-                       schedule=opts.schedule() if opts.serve else None, started=time.time())
+                       schedule=opts.schedule() if opts.serve else None, started=time.time(),
+                       tls=tls_files.env() if tls_files else None)
     write_state(state)
     prefect_env = {**base_env, **PREFECT_ENV, "PREFECT_HOME": prefect_home, "PREFECT_API_URL": state.prefect_api_url}
     dask_env = {k: v for k, v in base_env.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    sched_argv, worker_argv = dask_argv(state, stack_dir, sp, dp, opts.worker_memory, tls_files)
     s = _Spawner(state, logs)
     t0 = time.monotonic()
     in_main = threading.current_thread() is threading.main_thread()
@@ -379,13 +402,8 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
         prefect = s.spawn("prefect-server", [*_exe("prefect"), "server", "start", "--host", HOST, "--port", str(pp)],
                           prefect_env, stack_dir)
         say(f"starting dask scheduler on {state.scheduler_address}…")
-        sched = s.spawn("scheduler", [*_exe("dask"), "scheduler", "--host", HOST, "--port", str(sp),
-                                      "--dashboard-address", f"{HOST}:{dp}"], dask_env, stack_dir)
+        sched = s.spawn("scheduler", sched_argv, dask_env, stack_dir)
         s.wait([sched], lambda: {sp, dp} <= listening(sched), opts.timeout, f"listening on ports {sp} and {dp}")
-        worker_argv = [*_exe("dask"), "worker", state.scheduler_address, "--nthreads", "1", "--host", HOST,
-                       "--dashboard-address", f"{HOST}:0", "--local-directory", str(stack_dir / "dask-worker-space")]
-        if opts.worker_memory:
-            worker_argv += ["--memory-limit", opts.worker_memory]
         workers = [s.spawn(f"worker-{i + 1}", [*worker_argv, "--name", f"worker-{i + 1}"], dask_env, stack_dir)
                    for i in range(opts.workers)]
         say(f"waiting for {opts.workers} dask worker(s)…")
@@ -395,7 +413,7 @@ def up(opts: StackOptions, say: Callable[[str], None] = lambda m: print(m, file=
                max(0.0, opts.timeout - (time.time() - prefect.spawned)), f"healthy at {state.prefect_api_url}/health")
         if opts.serve:
             say(f"starting gradpipe serve ({state.deployment}, {state.schedule})…")
-            serve_env = {**prefect_env, "DASK_SCHEDULER_ADDRESS": state.scheduler_address}
+            serve_env = {**prefect_env, "DASK_SCHEDULER_ADDRESS": state.scheduler_address, **(state.tls or {})}
             serve = s.spawn("serve", [*_exe("gradpipe"), *opts.serve_argv()], serve_env, os.getcwd())
             s.wait([serve], lambda: _served_since(state.prefect_api_url, opts.deployment, serve.spawned),
                    opts.timeout, f"serving {state.deployment}")

@@ -36,16 +36,24 @@ def compose_binary() -> Path:
     return binary
 
 
-def compose_config(path: Path) -> subprocess.CompletedProcess:
+def compose_config(path: Path, *overrides: Path) -> subprocess.CompletedProcess:
     # defaults only: no GRADPIPE_* / COMPOSE_* from the caller's environment
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPIPE_", "COMPOSE_", "DOCKER_"))}
-    return subprocess.run([str(compose_binary()), "-f", str(path), "config", "--format", "json"],
+    files = [a for f in (path, *overrides) for a in ("-f", str(f))]
+    return subprocess.run([str(compose_binary()), *files, "config", "--format", "json"],
                           capture_output=True, text=True, env=env, cwd=path.parent, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def config() -> dict:
     r = compose_config(ROOT / "docker-compose.yml")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def tls_config() -> dict:
+    r = compose_config(ROOT / "docker-compose.yml", ROOT / "docker-compose.tls.yml")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -192,3 +200,47 @@ def test_prefect_yaml_matches_what_serve_does():
     from flows.pipeline import pipeline_flow
 
     assert pipeline_flow.name == "gradpipe-pipeline"
+
+
+TLS_FILES = {"--tls-ca-file": "/tls/ca.pem", "--tls-cert": "/tls/cert.pem", "--tls-key": "/tls/key.pem"}
+
+
+def test_tls_override_secures_every_dask_connection(config, tls_config, tmp_path):
+    """docker-compose.tls.yml on top of the base file: the same services and published ports, Dask over tls://
+    with the mounted certificates, and the flows' client configured through GRADPIPE_TLS_*."""
+    from pipeline.settings import load
+    from pipeline.tls import generate
+
+    generate(tmp_path)  # click checks that the files exist: parse with real ones in place of /tls
+    svcs = tls_config["services"]
+    assert set(svcs) == set(config["services"])
+    assert ({n: s.get("ports") for n, s in svcs.items()} == {n: s.get("ports") for n, s in config["services"].items()})
+    for name in ("scheduler", "worker"):
+        argv = svcs[name]["command"]
+        _check_click(f"distributed.cli.dask_{name}", [a.replace("/tls/", f"{tmp_path}/") for a in argv[2:]])
+        assert argv[argv.index("--protocol") + 1] == "tls", name
+        assert {flag: argv[argv.index(flag) + 1] for flag in TLS_FILES} == TLS_FILES, name
+        base = config["services"][name]["command"]
+        assert [a for a in argv if a not in base] and all(a in argv for a in base if a != "tcp://scheduler:8786")
+    assert svcs["worker"]["command"][2] == "tls://scheduler:8786"
+    env = svcs["flows"]["environment"]
+    assert env["DASK_SCHEDULER_ADDRESS"] == "tls://scheduler:8786"
+    assert {k: env[k] for k in ("GRADPIPE_TLS_CA", "GRADPIPE_TLS_CERT", "GRADPIPE_TLS_KEY")} == {
+        "GRADPIPE_TLS_CA": "/tls/ca.pem", "GRADPIPE_TLS_CERT": "/tls/cert.pem", "GRADPIPE_TLS_KEY": "/tls/key.pem"}
+    s = load(environ=env)  # the flows' settings see TLS on, with the mounted files
+    assert (s.tls_ca, s.tls_cert, s.tls_key, s.scheduler) == ("/tls/ca.pem", "/tls/cert.pem", "/tls/key.pem",
+                                                              "tls://scheduler:8786")
+    for name in ("scheduler", "worker", "flows"):
+        mounts = {v["target"]: v for v in svcs[name]["volumes"]}
+        assert mounts["/tls"]["source"] == str(ROOT / "tls") and mounts["/tls"].get("read_only"), name
+        assert Path(mounts["/data"]["source"]) == ROOT / "data", name  # the base mount is kept
+    assert "tls" in (ROOT / ".dockerignore").read_text().split()  # keys never baked into the image
+
+
+def test_the_tls_override_documents_how_to_make_its_certificates(tmp_path):
+    text = (ROOT / "docker-compose.tls.yml").read_text()
+    assert "python -m pipeline.tls tls" in text
+    from pipeline.tls import main
+
+    assert main([str(tmp_path / "tls")]) == 0
+    assert {p.name for p in (tmp_path / "tls").iterdir()} == {"ca.pem", "cert.pem", "key.pem", "ca-key.pem"}

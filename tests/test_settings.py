@@ -59,3 +59,22 @@ def test_bad_settings_are_named(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(GradpipeError, match="does not exist"):
         load(tmp_path / "nope.toml", environ={})
+
+
+def test_tls_settings_from_file_and_environment(tmp_path, monkeypatch):
+    from pipeline import tls
+
+    monkeypatch.chdir(tmp_path)
+    files = tls.generate(tmp_path / "certs")
+    assert load(environ={}).tls_security() is None  # off unless asked: nothing changes for other users
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('scheduler = "tls://10.0.0.5:8786"\ntls_ca = "certs/ca.pem"\ntls_cert = "certs/cert.pem"\n'
+                   'tls_key = "certs/key.pem"\n')
+    s = load(cfg, environ={})
+    assert (s.tls_ca, s.tls_key) == (files.ca, files.key)  # relative paths resolved against the cwd
+    sec = s.tls_security()
+    assert sec.require_encryption and sec.tls_ca_file == files.ca and sec.tls_client_key == files.key
+    assert load(environ={"GRADPIPE_TLS": "1"}).tls  # the embedded cluster then uses a throw-away certificate
+    s = load(environ={"GRADPIPE_TLS_CA": files.ca, "GRADPIPE_TLS_CERT": files.cert})
+    with pytest.raises(GradpipeError, match="GRADPIPE_TLS_KEY"):
+        s.tls_security()

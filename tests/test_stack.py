@@ -237,3 +237,43 @@ def test_a_component_that_cannot_start_stops_the_stack(tmp_path):
     assert "--- last lines of" in r.stderr  # the log tail
     assert not (stack_dir / "stack.json").exists()
     wait_for(lambda: not processes_in(stack_dir), 30, "the started components to be gone")
+
+
+def test_tls_stack_processes_speak_only_tls(tmp_path):
+    """`stack up --tls`'s Dask half, from the very command lines `up` spawns (``dask_argv``): a throw-away CA
+    with private keys, a tls:// scheduler and worker, a client with the exported variables works and a
+    plain-TCP client is refused. (The Prefect half is unchanged by --tls; the module's stack covers it.)"""
+    import stat
+
+    from distributed import Client
+
+    from pipeline import stack, tls
+
+    files = tls.generate(tmp_path / "tls")
+    assert all(stat.S_IMODE(os.stat(tmp_path / "tls" / k).st_mode) == 0o600 for k in ("key.pem", "ca-key.pem"))
+    sp, dp = stack.free_port(), stack.free_port()
+    state = stack.StackState(dir=str(tmp_path), scheduler_address=f"tls://127.0.0.1:{sp}",
+                             dashboard_url=f"http://127.0.0.1:{dp}/status", prefect_url="", prefect_api_url="",
+                             prefect_home="", deployment=None, schedule=None, started=time.time(), tls=files.env())
+    assert state.env()["GRADPIPE_TLS_KEY"] == files.key  # `up` prints these: paths, never a key's contents
+    sched_argv, worker_argv = stack.dask_argv(state, tmp_path, sp, dp, None, files)
+    env = clean_env()
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              start_new_session=True) for argv in (sched_argv, worker_argv)]
+    try:
+        def one_worker():
+            try:
+                return stack._scheduler_workers(state.dashboard_url) >= 1
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_for(one_worker, 60, "a tls:// scheduler with 1 worker")
+        with Client(state.scheduler_address, security=tls.security(files), timeout="30s") as c:
+            assert c.submit(sum, [2, 3]).result() == 5
+        with pytest.raises((OSError, TimeoutError)):  # see test_tls.py for the 5 s
+            Client(f"tcp://127.0.0.1:{sp}", timeout="5s")
+    finally:
+        for p in procs:
+            os.killpg(p.pid, 15)
+        for p in procs:
+            p.wait(timeout=30)

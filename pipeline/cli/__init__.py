@@ -7,6 +7,7 @@ import importlib
 import sys
 import traceback
 
+from pipeline.cli._common import add_tls_option, apply_tls_option
 from pipeline.errors import GradpipeError
 
 COMMANDS = ["make_data", "ingest", "train", "evaluate", "predict", "export", "runs", "run", "stack"]
@@ -26,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parent = common_options()
     for name in COMMANDS:
         importlib.import_module(f"pipeline.cli.{name}").register(sub, parent)
+    add_tls_option(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_tls_option(args)
     try:
         return int(args.func(args) or 0)
     except GradpipeError as exc:

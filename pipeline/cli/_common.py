@@ -48,3 +48,21 @@ def json_safe(value: Any) -> Any:
 
 def fmt_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def add_tls_option(parser) -> None:
+    """``--tls`` on every sub-command that talks to a Dask cluster (those with ``--scheduler``)."""
+    action = next(a for a in parser._actions if a.dest == "command")
+    for sub in action.choices.values():
+        if "--scheduler" in sub._option_string_actions and "--tls" not in sub._option_string_actions:
+            sub.add_argument("--tls", action="store_true", default=None,
+                             help="encrypt and authenticate Dask traffic (tls://): an embedded cluster uses a "
+                                  "throw-away certificate; an external scheduler needs GRADPIPE_TLS_CA, "
+                                  "GRADPIPE_TLS_CERT and GRADPIPE_TLS_KEY (see README, TLS)")
+
+
+def apply_tls_option(args) -> None:
+    """``--tls`` becomes ``GRADPIPE_TLS=1`` for this process and what it starts (flows, the settings, every
+    ``dask_client``), so each command needs no TLS plumbing of its own."""
+    if getattr(args, "tls", None):
+        os.environ["GRADPIPE_TLS"] = "1"

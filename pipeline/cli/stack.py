@@ -33,6 +33,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     u.add_argument("--worker-memory", metavar="LIMIT", help="each worker's --memory-limit (default: Dask's auto)")
     u.add_argument("--timeout", type=float, default=180.0,
                    help="seconds each part may take to become ready (default 180)")
+    u.add_argument("--tls", action="store_true",
+                   help="encrypt and authenticate Dask traffic: a throw-away CA and certificate in DIR/tls "
+                        "(keys mode 0600), tls:// addresses; prints the GRADPIPE_TLS_* variables to export")
     u.add_argument("--json", action="store_true", help="print the stack's state as JSON")
     g = u.add_argument_group("gradpipe serve", "the scheduled deployment the stack serves")
     g.add_argument("--no-serve", dest="serve", action="store_false", help="do not start `gradpipe serve`")
@@ -83,7 +86,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = StackOptions(dir=args.dir, scheduler_port=args.scheduler_port, dashboard_port=args.dashboard_port,
                         prefect_port=args.prefect_port, workers=args.workers, worker_memory=args.worker_memory,
                         serve=args.serve, deployment=args.deployment, cron=args.serve_cron,
-                        interval=args.serve_interval, serve_settings=_serve_settings(args), timeout=args.timeout)
+                        interval=args.serve_interval, serve_settings=_serve_settings(args), timeout=args.timeout,
+                        tls=args.tls)
     state = up(opts)
     if args.json:
         from dataclasses import asdict
@@ -141,6 +145,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if info["deployment"]:
         print(f"  serve           {info['deployment']}, {info['schedule']}")
     for key, value in {"PREFECT_API_URL": info["prefect_api_url"],
-                       "DASK_SCHEDULER_ADDRESS": info["scheduler_address"]}.items():
+                       "DASK_SCHEDULER_ADDRESS": info["scheduler_address"], **(info.get("tls") or {})}.items():
         print(f"  export {key}={value}")
     return 0 if info["all_running"] else 1
