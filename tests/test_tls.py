@@ -189,3 +189,21 @@ def test_embedded_tls_cluster_with_8787_taken_is_quiet_and_names_the_port(datase
                   r.stderr, re.M)
     assert m and m.group(1) != "8787", r.stderr
     assert re.search(r"^run \S+: \w+ converged", r.stdout, re.M), r.stdout
+
+
+def test_no_jupyter_server_proxy_hint_when_logging_is_at_info():
+    """`gradpipe run` logs at INFO through Prefect, and Dask's scheduler then printed an INFO hint to install
+    jupyter-server-proxy at start-up. The embedded cluster quiets Dask's loggers before it starts."""
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as Prefect's logging setup does\n"
+            "from pipeline.cluster import dask_client\n"
+            "if __name__ == '__main__':\n"
+            "    with dask_client(workers=1) as c:\n"
+            "        assert c.submit(sum, [1, 2]).result() == 3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPIPE_", "DASK_"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "jupyter-server-proxy" not in r.stderr and "already in use" not in r.stderr, r.stderr
+    assert re.search(r"^dask: tcp://127\.0\.0\.1:\d+ with 1 workers; dashboard http://127\.0\.0\.1:\d+/status$",
+                     r.stderr, re.M), r.stderr
