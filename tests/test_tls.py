@@ -169,17 +169,22 @@ def _hold_8787() -> socket.socket | None:
 
 def test_embedded_tls_cluster_with_8787_taken_is_quiet_and_names_the_port(dataset, tmp_path):
     """`gradpipe train --tls` on an embedded cluster, the default dashboard port busy: no Dask warning, no
-    jupyter-server-proxy hint; the one "dask:" line's link names the port used, and the tls:// address."""
+    jupyter-server-proxy hint; the one "dask:" line's link names the port used, and the tls:// address.
+
+    The command runs with the root logger at INFO, as under Prefect (`gradpipe run`, `serve`): that is where
+    Dask's scheduler printed its INFO hint to install jupyter-server-proxy on start-up."""
     root, X, y = dataset
     holder = _hold_8787()
     try:
         with socket.create_connection(("127.0.0.1", 8787), timeout=2):
             pass  # 8787 is taken (by us or by someone else)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPIPE_", "DASK_"))}
-        script = Path(sys.executable).parent / "gradpipe"
-        r = subprocess.run([str(script), "train", "--tls", "--workers", "1", "--dataset", str(root / "ds.zarr"),
-                            "--runs-dir", str(tmp_path / "runs"), "--gtol", "1e-10"],  # no --json: it hides the line
-                           capture_output=True, text=True, timeout=180, env=env)
+        argv = ["train", "--tls", "--workers", "1", "--dataset", str(root / "ds.zarr"),
+                "--runs-dir", str(tmp_path / "runs"), "--gtol", "1e-10"]  # no --json: it hides the line
+        code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom pipeline.cli import main\n"
+                f"if __name__ == '__main__':\n    sys.exit(main({argv!r}))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+                           cwd=Path(__file__).resolve().parents[1])
     finally:
         if holder is not None:
             holder.close()
@@ -190,20 +195,3 @@ def test_embedded_tls_cluster_with_8787_taken_is_quiet_and_names_the_port(datase
     assert m and m.group(1) != "8787", r.stderr
     assert re.search(r"^run \S+: \w+ converged", r.stdout, re.M), r.stdout
 
-
-def test_no_jupyter_server_proxy_hint_when_logging_is_at_info():
-    """`gradpipe run` logs at INFO through Prefect, and Dask's scheduler then printed an INFO hint to install
-    jupyter-server-proxy at start-up. The embedded cluster quiets Dask's loggers before it starts."""
-    code = ("import logging, sys\n"
-            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as Prefect's logging setup does\n"
-            "from pipeline.cluster import dask_client\n"
-            "if __name__ == '__main__':\n"
-            "    with dask_client(workers=1) as c:\n"
-            "        assert c.submit(sum, [1, 2]).result() == 3\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPIPE_", "DASK_"))}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "jupyter-server-proxy" not in r.stderr and "already in use" not in r.stderr, r.stderr
-    assert re.search(r"^dask: tcp://127\.0\.0\.1:\d+ with 1 workers; dashboard http://127\.0\.0\.1:\d+/status$",
-                     r.stderr, re.M), r.stderr
