@@ -7,15 +7,27 @@ Without ``runs_dir`` both stores live in a temporary directory removed after ``f
 its dataset (``runs_dir/datasets/<run_id>.zarr``) are kept, so ``gradpipe runs``/``evaluate`` can use them.
 The stores must be on a filesystem the workers share (always true for a local cluster).
 
+Where ``fit`` runs (:meth:`_GradpipeModel._client`): NumPy input whose X takes at most
+:func:`inprocess_limit` bytes (1 GiB, or a quarter of the available memory if that is less) runs
+in-process — no cluster, no subprocess, so a script needs no ``if __name__ == "__main__"`` guard, and the
+bits equal a cluster's (same leaves, kernels and tree). A cluster is used only when asked for (``client=`` a
+Client or a scheduler address, or ``$DASK_SCHEDULER_ADDRESS``) or when the data call for one (Dask arrays,
+or X above the limit); a cluster the module starts is ONE LocalCluster shared by every later fit, closed at
+interpreter exit. ``client="inprocess"`` forces in-process.
+
 scikit-learn is only a dev dependency: with it the classes are real ``BaseEstimator``s (``clone``, grid
 search, pipelines); without it they keep the same ``get_params``/``set_params`` contract.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import inspect
+import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -29,8 +41,11 @@ from pipeline.stats import FeatureStats
 
 try:  # pragma: no branch - which one depends on the environment
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning, NotFittedError
 except ImportError:  # sklearn missing: same parameter protocol, no mixins
+    class NotFittedError(ValueError, AttributeError):  # type: ignore[no-redef]
+        """sklearn's: predict/score before fit."""
+
     class BaseEstimator:  # type: ignore[no-redef]
         """get_params/set_params by introspecting ``__init__``, as sklearn does."""
 
@@ -65,6 +80,12 @@ except ImportError:  # sklearn missing: same parameter protocol, no mixins
 
 
 # ---- writing a dataset store from arrays (block writer runs on the workers for Dask input) ----------
+def _is_dask(*arrays) -> bool:
+    """Any Dask array among ``arrays``, without importing dask.array (~1 s) for NumPy input."""
+    da = sys.modules.get("dask.array")
+    return da is not None and any(isinstance(a, da.Array) for a in arrays)
+
+
 def _write_block(path: str, index: int, chunk_rows: int, X, y) -> tuple[FeatureStats, int]:
     from pipeline.store.dataset import write_chunk
 
@@ -83,12 +104,12 @@ def _default_chunk_rows(n: int, d: int) -> int:
 def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
                   feature_names: list[str] | None = None, target: str = "y") -> None:
     """Store X (n, d) and y (n,) as a gradpipe dataset; Dask inputs are rechunked and written blockwise."""
-    import dask.array as da
-
     from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
 
-    is_dask = isinstance(X, da.Array) or isinstance(y, da.Array)
+    is_dask = _is_dask(X, y)
     if is_dask:
+        import dask.array as da
+
         X, y = da.asarray(X), da.asarray(y)
         if any(np.isnan(c) for c in X.chunks[0]) or any(np.isnan(c) for c in y.chunks[0]):
             X, y = X.compute_chunk_sizes(), y.compute_chunk_sizes()
@@ -124,6 +145,47 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
                        n_rows=n, chunk_rows=rows, dtype="float64", stats=stats,
                        manifest=[{"path": "<array>", "sha256": token, "rows": n, "row_start": 0, "row_stop": n}])
     commit_info(path, info)
+
+
+INPROCESS_MAX_BYTES = 2**30  # X up to 1 GiB runs in-process (the leaves are held in memory once more)
+
+
+def inprocess_limit() -> int:
+    """The most bytes of X a fit runs in-process: 1 GiB, or a quarter of the available memory if less
+    (the dataset store's copy is read back once, so a fit holds ~2× X besides the caller's array)."""
+    try:
+        import psutil
+
+        return min(INPROCESS_MAX_BYTES, psutil.virtual_memory().available // 4)
+    except ImportError:
+        return INPROCESS_MAX_BYTES
+
+
+_shared: dict[str, Any] = {}  # the one client this module started: {"client", "stack", "address"}
+
+
+def shared_client(address: str | None = None):
+    """One Dask client reused by every fit that needs a cluster (for ``address``, or a new LocalCluster),
+    closed at interpreter exit: a LocalCluster per fit cost ~10 s each."""
+    if _shared and _shared["address"] != address:
+        close_shared_client()
+    if not _shared:
+        from pipeline.cluster import dask_client
+
+        stack = contextlib.ExitStack()
+        _shared.update(client=stack.enter_context(dask_client(address, announce=False)), stack=stack,
+                       address=address)
+    return _shared["client"]
+
+
+def close_shared_client() -> None:
+    stack = _shared.pop("stack", None)
+    _shared.clear()
+    if stack is not None:
+        stack.close()
+
+
+atexit.register(close_shared_client)
 
 
 class _GradpipeModel(BaseEstimator):
@@ -165,12 +227,25 @@ class _GradpipeModel(BaseEstimator):
 
     def fit(self, X, y):
         config = self._config()
-        if self.client is None:
-            from pipeline.cluster import dask_client
+        return self._fit(X, y, config, self._client(X, y))
 
-            with dask_client(announce=False) as client:
-                return self._fit(X, y, config, client)
-        return self._fit(X, y, config, self.client)
+    def _client(self, X, y):
+        """Where the fit runs: ``"inprocess"``, or a Dask client (see the module docstring)."""
+        from pipeline.training import INPROCESS
+
+        if self.client is not None and not isinstance(self.client, str):
+            return self.client
+        if self.client == INPROCESS:
+            if _is_dask(X, y):
+                raise ValueError("client='inprocess' needs NumPy X and y; Dask arrays need a cluster")
+            return INPROCESS
+        if isinstance(self.client, str):
+            return shared_client(self.client)
+        if os.environ.get("DASK_SCHEDULER_ADDRESS"):
+            return shared_client(os.environ["DASK_SCHEDULER_ADDRESS"])
+        if _is_dask(X, y) or np.asarray(X).nbytes > inprocess_limit():
+            return shared_client()
+        return INPROCESS
 
     def _fit(self, X, y, config, client):
         from pipeline.training import train
@@ -186,6 +261,8 @@ class _GradpipeModel(BaseEstimator):
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if result.status == "stopped":  # Ctrl-C: the loop finished its iteration; no half-fitted estimator
+            raise KeyboardInterrupt(f"{type(self).__name__}.fit {result.message}")
         self.coef_, self.intercept_ = np.asarray(result.coef), float(result.intercept)
         self.n_iter_, self.loss_history_, self.status_ = result.n_iter, np.asarray(result.loss_history), result.status
         self.solver_, self.passes_, self.run_id_ = result.solver, result.passes, result.run_id
@@ -211,14 +288,13 @@ class _GradpipeModel(BaseEstimator):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
-            raise AttributeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first.")
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
+                                 "appropriate arguments before using this estimator.")
 
     def decision_function(self, X):
         """X @ coef_ + intercept_ (lazy for a Dask array, NumPy otherwise)."""
         self._check_fitted()
-        import dask.array as da
-
-        X = X if isinstance(X, da.Array) else np.asarray(X, dtype=np.float64)
+        X = X if _is_dask(X) else np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
         return X @ self.coef_ + self.intercept_
@@ -250,9 +326,9 @@ class LogisticRegression(ClassifierMixin, _GradpipeModel):
     _model = "logistic"
 
     def _targets(self, y, client):
-        import dask.array as da
+        if _is_dask(y):
+            import dask.array as da
 
-        if isinstance(y, da.Array):
             classes = np.unique(client.compute(da.unique(y)).result())
         else:
             y = np.asarray(y)
@@ -271,7 +347,8 @@ class LogisticRegression(ClassifierMixin, _GradpipeModel):
 
     def predict(self, X):
         """classes_[1] iff z > 0 (p > 0.5), the rule gradpipe's accuracy metric uses."""
-        return self.classes_[(np.asarray(self.decision_function(X)) > 0).astype(np.int64)]
+        z = np.asarray(self.decision_function(X))  # first: unfitted is NotFittedError, not a missing classes_
+        return self.classes_[(z > 0).astype(np.int64)]
 
     def score(self, X, y, sample_weight=None) -> float:
         """Mean accuracy, like sklearn's classifiers."""

@@ -117,7 +117,15 @@ def problem_for(config: TrainConfig, ds) -> Problem:
                       feature_names=ds.feature_names)
 
 
-def _engine(client: Client, ds, config: TrainConfig) -> ChunkEngine:
+INPROCESS = "inprocess"  # ``client=INPROCESS``: no cluster, the passes run in the calling process
+
+
+def _engine(client: Client | str, ds, config: TrainConfig) -> ChunkEngine:
+    if client == INPROCESS:  # same leaves, kernels and tree: the same bits as on a cluster
+        from pipeline.inprocess import InProcessEngine
+
+        return InProcessEngine(store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows,  # type: ignore[return-value]
+                               n_features=ds.n_features, itemsize=np.dtype(ds.dtype).itemsize, fan_in=config.fan_in)
     from pipeline.cluster import tune_latency
 
     tune_latency(client)
@@ -196,10 +204,15 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
         engine.close()
 
 
-def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Client | None = None,
+def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Client | str | None = None,
           runs_dir: str | Path = "data/runs", run_id: str | None = None,
           init: tuple[np.ndarray, float] | None = None, on_iteration: OnIteration | None = None) -> FitResult:
-    """Train a model on a dataset store; every iteration is checkpointed to ``runs_dir/run_id.zarr``."""
+    """Train a model on a dataset store; every iteration is checkpointed to ``runs_dir/run_id.zarr``.
+
+    ``client``: a Dask client to run the passes on; None starts one (``$DASK_SCHEDULER_ADDRESS`` or a
+    LocalCluster); ``"inprocess"`` (:data:`INPROCESS`) runs them in this process, no cluster and no
+    subprocess, holding the whole dataset in memory — for data that fits in it; the results are bitwise
+    those of a cluster."""
     config = (config or TrainConfig()).validate()
     if client is None:
         from pipeline.cluster import dask_client
@@ -216,10 +229,11 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
     return _fit(client, ds, config, problem, begin, on_iteration)
 
 
-def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | None = None,
+def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | str | None = None,
            max_iter: int | None = None, time_budget: float | None = None,
            on_iteration: OnIteration | None = None) -> FitResult:
-    """Continue a run from its last committed iteration (after a crash, a stop or a budget)."""
+    """Continue a run from its last committed iteration (after a crash, a stop or a budget); ``client`` as
+    for :func:`train` (a run may resume in-process what a cluster started, and the reverse: same bits)."""
     store, ds = check_resumable(run_id, runs_dir)
     if client is None:
         from pipeline.cluster import dask_client

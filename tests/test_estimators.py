@@ -13,8 +13,14 @@ penalized intercept, a wrong class mapping) moves the coefficients by ≫ 1e-3.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 
 import dask.array as da
@@ -22,7 +28,11 @@ import numpy as np
 import pytest
 import sklearn.linear_model as sk
 from sklearn.base import clone
+from sklearn.datasets import load_diabetes
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import cross_val_score
 
+import pipeline.engine
 import pipeline.estimators as est
 from pipeline.estimators import LinearRegression, LogisticRegression
 
@@ -152,3 +162,140 @@ def test_without_sklearn_the_parameter_protocol_still_works(monkeypatch):
     with pytest.raises(ValueError, match="invalid parameter"):
         m.set_params(alpha=1.0)
     assert "l2=0.25" in repr(m)
+    with pytest.raises(mod.NotFittedError) as info:  # sklearn's contract without sklearn: both bases
+        m.predict(np.ones((2, 3)))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, AttributeError)
+
+
+# ---- where a fit runs: in-process for small NumPy data, the same bits as a cluster --------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(tmp_path: Path, body: str, **kw) -> subprocess.Popen:
+    """``python script.py`` as a user runs it: a top-level script, no ``__main__`` guard."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where fit's temporary stores go: checked empty afterwards
+    (tmp_path / "tmp").mkdir()
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cross_val_score_in_process_matches_sklearn(monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    X, y = load_diabetes(return_X_y=True)
+    t0 = time.perf_counter()
+    ours = cross_val_score(LinearRegression(), X, y, cv=5)
+    seconds = time.perf_counter() - t0
+    ref = cross_val_score(sk.LinearRegression(), X, y, cv=5)
+    print(f"cross_val_score cv=5 in-process: {seconds:.2f} s")
+    # both are exact least squares (ours: TSQR, sklearn: lstsq); the diabetes design has cond ~ 1e2 after
+    # standardization, so R² agrees to ~1e-13; 1e-9 leaves room, while any wrong fit moves R² by ≫ 1e-4
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
+    assert not est._shared  # no cluster was created for it
+
+
+def test_unfitted_estimators_raise_sklearns_not_fitted_error():
+    X = np.ones((3, 2))
+    for call in (LinearRegression().predict, LinearRegression().score, LogisticRegression().predict,
+                 LogisticRegression().predict_proba, LogisticRegression().score):
+        with pytest.raises(NotFittedError, match="not fitted yet"):
+            call(X) if call.__name__.startswith("pred") else call(X, np.ones(3))
+
+
+@pytest.mark.parametrize("model, solver", [("linear", "lbfgs"), ("linear", "exact"), ("logistic", "newton")])
+def test_in_process_is_bitwise_the_cluster(client, monkeypatch, model, solver):
+    """Same leaves, kernels and tree: the same bits, whether both workers or none take part."""
+    monkeypatch.setattr(pipeline.engine, "MIN_BYTES_PER_WORKER", 1)  # spread even tiny data over both workers
+    assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+    X = design(1200, 3)
+    if model == "linear":
+        y, cls = X @ [2.0, -1.0, 0.05] + 7.0 + np.random.default_rng(4).normal(size=1200), LinearRegression
+    else:
+        y, cls = binary(X, 4), LogisticRegression
+    # 12 leaves, fan-in 3: worker 0 combines complete sub-trees, the driver the rest — a different split of
+    # the same tree than the in-process engine's, which must not change a bit
+    kw = {"solver": solver, "chunk_rows": 100, "fan_in": 3, "l2": 1e-3, "max_iter": 50}
+    a = cls(client=client, **kw).fit(X, y)
+    b = cls(client="inprocess", **kw).fit(X, y)
+    assert a.solver_ == b.solver_ == solver and a.n_iter_ == b.n_iter_ >= 1
+    assert a.loss_history_.tobytes() == b.loss_history_.tobytes()
+    assert a.coef_.tobytes() == b.coef_.tobytes() and a.intercept_ == b.intercept_
+
+
+def test_script_without_main_guard_fits_in_process_and_ctrl_c_stops_a_long_fit(tmp_path):
+    """One interpreter for two behaviours (start-up is most of the cost): a top-level script with no
+    ``__main__`` guard fits and predicts in-process, then a long fit gets a terminal's Ctrl-C."""
+    from pipeline.store.runs import RunStore
+
+    proc = run_script(tmp_path, """
+        import json, pathlib, sys, psutil, numpy as np
+        import pipeline, pipeline.estimators as est
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(442, 10)); y = X @ np.arange(10.0) + 3.0
+        small = pipeline.LinearRegression().fit(X, y)
+        pred = small.predict(X[:5])
+        pathlib.Path(sys.argv[1], "small.json").write_text(json.dumps({
+            "children": len(psutil.Process().children(recursive=True)), "shared": bool(est._shared),
+            "err": float(np.abs(pred - y[:5]).max()), "status": small.status_,
+            "tmp": sorted(p.name for p in pathlib.Path(sys.argv[1], "tmp").iterdir())}))
+        X = rng.normal(size=(400, 3)); y = X @ [1.0, 2.0, 3.0]
+        m = pipeline.LinearRegression(solver="gd", lr=1e-6, tol=0.0, gtol=0.0, max_iter=10**9,
+                                      runs_dir=sys.argv[1] + "/runs")
+        try:
+            m.fit(X, y)
+        except KeyboardInterrupt as exc:
+            print("interrupted:", exc, "fitted:", hasattr(m, "coef_"))
+            sys.exit(130)
+    """, start_new_session=True)
+    runs = tmp_path / "runs"
+    deadline = time.monotonic() + 60
+    while True:  # wait until the loop runs: a committed iteration past the first
+        stores = list(runs.glob("*.zarr")) if runs.exists() else []
+        try:
+            if stores and RunStore.open(stores[0]).committed >= 2:
+                break
+        except Exception:  # the store is being created
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)  # a poll with a deadline, not a fixed wait
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    out, err = proc.communicate(timeout=20)
+    print(f"stopped {time.monotonic() - t0:.2f} s after SIGINT")
+    assert proc.returncode == 130, err
+    small = json.loads((tmp_path / "small.json").read_text())
+    # no worker process was ever spawned (a LocalCluster's nannies would be children), the module started no
+    # client, the per-fit temporary stores are gone; noise-free y: exact least squares recovers it to
+    # rounding (1e-9 ≫ cond·eps for this well-conditioned design)
+    assert small == {"children": 0, "shared": False, "err": small["err"], "status": "converged", "tmp": []}
+    assert small["err"] < 1e-9 and "bootstrapping" not in err
+    assert "stopped by signal SIGINT" in out and "fitted: False" in out
+    store = RunStore.open(stores[0])
+    assert store.status == "stopped" and store.committed >= 2
+    # the stopped run resumes in-process (no cluster) for three more iterations
+    from pipeline.training import resume
+
+    stopped_at = store.committed
+    done = resume(stores[0].name.removesuffix(".zarr"), runs_dir=runs, client="inprocess",
+                  max_iter=stopped_at + 3)
+    assert done.status == "max_iter" and done.n_iter == stopped_at + 3
+    assert not est._shared
+
+
+def test_fits_that_need_a_cluster_share_one_client(scheduler, monkeypatch):
+    """A scheduler address (here via $DASK_SCHEDULER_ADDRESS) means a cluster: one client for every fit."""
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", scheduler)
+    X = design(300, 5)
+    y = X @ [1.0, 2.0, 3.0] + 1.0
+    try:
+        a = LinearRegression(solver="exact").fit(X, y)
+        first = est._shared["client"]
+        b = LinearRegression(solver="exact").fit(X, y)
+        assert est._shared["client"] is first and first.scheduler.address == scheduler
+        assert a.coef_.tobytes() == b.coef_.tobytes()
+    finally:
+        est.close_shared_client()
+    assert not est._shared and first.status == "closed"
