@@ -49,6 +49,10 @@ def pipeline_flow(settings: dict[str, Any] | None = None) -> dict[str, Any]:
         if warm:
             log.info("dataset grew: warm start from run %s", warm["run_id"])
         trained = train_task(cfg, address, new_run_id(s.name), warm)
+        if trained["status"] == "stopped":  # Ctrl-C or SIGTERM: the run is resumable, nothing else happens
+            log.warning("run %s %s; not evaluated or published", trained["run_id"], trained["message"])
+            return {"ingest": ingested, "train": trained, "metrics": None, "publish": None, "loss_curve": None,
+                    "warm_start": warm["run_id"] if warm else None}
         metrics = evaluate_task(cfg, address, trained["run_uri"])
         decision = publish_task(cfg, address, trained["run_uri"], metrics)
         png = report_task(cfg, trained["run_uri"], metrics, decision)

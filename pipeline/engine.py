@@ -101,8 +101,13 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
         _prepare_worker()
         _prepared = True
     kernel, args, combine, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
-    leaves = {(0, i): kernel(*_leaf(path, a, b, k), *args) for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True)}
-    return reduce_tree(leaves, n_leaves, fan_in, combine)
+    nodes: dict[Node, np.ndarray] = {}
+    for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True):
+        # combine as the leaves come: at most fan_in nodes per level are held, not every leaf's result (a
+        # 5,000-feature Gram is 200 MB per leaf); the tree, and so the bits, are the same
+        nodes[(0, i)] = kernel(*_leaf(path, a, b, k), *args)
+        nodes = reduce_tree(nodes, n_leaves, fan_in, combine)
+    return nodes
 
 
 def _prepare_worker() -> None:

@@ -66,7 +66,8 @@ class Terminal:
         master, slave = pty.openpty()
         self.master = master
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, start_new_session=True,
-                                     env={**os.environ, "COLUMNS": "200", **(env or {})})
+                                     env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+                                          "COLUMNS": "200", **(env or {})})
         os.close(slave)
         self.output = b""
 
@@ -203,3 +204,32 @@ def test_the_pipeline_does_not_publish_an_unconverged_run(tmp_path, scheduler, p
     assert "did not converge" in result["publish"]["reason"] and not latest.exists()
     result = pipeline_flow(settings(allow_unconverged=True))
     assert result["publish"]["publish"] and json.loads(latest.read_text())["run_id"] == result["train"]["run_id"]
+
+
+def test_ctrl_c_in_a_terminal_stops_gradpipe_run(tmp_path):
+    """Fails without the shielded workers and Prefect server: both died of the terminal's SIGINT, and the
+    flow then waited for the dead server for minutes. Now: the run stops resumable, exit 130 in seconds."""
+    X, y = make_xy(20000, 5, seed=2)
+    (tmp_path / "raw").mkdir()
+    write_csv(tmp_path / "raw" / "a.csv", X, y)
+    runs = tmp_path / "data" / "runs"
+    env = {"GRADPIPE_TRAIN_TOL": "0", "GRADPIPE_TRAIN_GTOL": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
+    term = Terminal([*gradpipe(), "run", "--raw", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "data"),
+                     "--solver", "gd", "--max-iter", "1000000", "--workers", "2"], cwd=tmp_path, env=env)
+
+    def training():
+        stores = list(runs.glob("*.zarr")) if runs.exists() else []
+        return term.running() and stores and committed(stores[0]) >= 3 and stores[0]
+
+    try:
+        store = wait_until(training, 240, "the flow's training started")
+        term.interrupt()
+        t0 = time.monotonic()
+        rc, out = term.finish(60)
+    finally:
+        term.close()
+    assert rc == 130, out[-3000:]
+    assert time.monotonic() - t0 < 30, out[-3000:]  # a deadline, not a benchmark: it hung for ever before
+    assert f"gradpipe train --resume {store.name.removesuffix('.zarr')}" in out
+    assert RunStore.open(store).status == "stopped"
+    assert not (tmp_path / "data" / "models").exists()  # a stopped run is neither evaluated nor published

@@ -59,7 +59,9 @@ def test_histories_are_bitwise_identical_on_1_2_and_4_workers(solver, extra, dat
                           dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
             train(dataset, cfg, client=c, runs_dir=tmp_path, run_id=f"w{n}")
     ref = history(tmp_path, "two")
-    assert len(ref["loss"]) >= 10  # 26 rows, or fewer when the loss stops changing at all (tol=0)
+    # 26 rows, or fewer when the loss stops changing at all (tol=0): the preconditioned ridge run settles
+    # after 8 steps on some machines (the last bits of its BLAS sums decide on which step)
+    assert len(ref["loss"]) >= 8
     for n in (1, 4):
         assert_same(ref, history(tmp_path, f"w{n}"))
 

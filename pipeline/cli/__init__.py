@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"gradpipe {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"gradpipe {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"gradpipe {args.command}: {getattr(exc, 'message', 'interrupted')}", file=sys.stderr)
         return 130
 
 

@@ -63,12 +63,20 @@ def run(args: argparse.Namespace) -> int:
     settings = _load(args)
     _prefect_defaults()
     from flows.pipeline import pipeline_flow
+    from pipeline.prefect_local import temporary_prefect_server
 
-    result = pipeline_flow(settings.to_dict())
+    with temporary_prefect_server():
+        result = pipeline_flow(settings.to_dict())
+    train = result["train"]
     if args.json:
         print(json.dumps(result, default=str))
+    if train["status"] == "stopped":
+        print(f"run {train['run_id']} {train['message']}; not evaluated or published. Resume with: gradpipe train "
+              f"--resume {train['run_id']} --runs-dir {settings.runs_dir}", file=sys.stderr)
+        return 130
+    if args.json:
         return 0
-    train, decision = result["train"], result["publish"]
+    decision = result["publish"]
     print(f"ingest: {result['ingest']['n_rows']} rows × {result['ingest']['n_features']} features in "
           f"{result['ingest']['dataset']} ({len(result['ingest']['appended_files'])} new file(s))")
     warm = f", warm-started from {result['warm_start']}" if result["warm_start"] else ""
