@@ -86,6 +86,8 @@ def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[s
         RunStore.open(path, mode="r+").annotate(warm_start=warm["run_id"])
     log.info("run %s: %s after %d iterations, loss %.10g (%s)", run_id, result.status, result.n_iter, result.loss,
              result.message)
+    for w in result.warnings:  # NOT CONVERGED and the solvers' warnings, in the flow run's log
+        log.warning("%s", w)
     return result.to_json()
 
 

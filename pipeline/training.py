@@ -371,8 +371,6 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
     for w in solver.warnings:
         log.warning("%s", w)
     budget = [_unconverged_warning(status, message, row)] if status in ("max_iter", "time_budget") else []
-    for w in budget:
-        log.warning("%s", w)
     warnings = list(dict.fromkeys(store.warnings + solver.warnings + budget))
     stats = _inference(solver, objective, row, status)
     store.set_status(status, message, warnings=warnings, inference=stats, converged=status == "converged")
