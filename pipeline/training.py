@@ -214,6 +214,8 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
     subprocess, holding the whole dataset in memory — for data that fits in it; the results are bitwise
     those of a cluster."""
     config = (config or TrainConfig()).validate()
+    if run_id is not None:
+        check_new_run_id(run_id, runs_dir)
     if client is None:
         from pipeline.cluster import dask_client
 
@@ -227,6 +229,29 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
     theta0 = np.zeros(problem.n_params) if init is None else problem.from_original(np.asarray(init[0]), init[1])
     begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", theta0=theta0)
     return _fit(client, ds, config, problem, begin, on_iteration)
+
+
+def check_new_run_id(run_id: str, runs_dir: str | Path) -> None:
+    """Refuse a run id whose store holds a run (checked before any cluster starts)."""
+    path = Path(runs_dir) / f"{run_id}.zarr"
+    if _taken(path):
+        raise GradpipeError(f"run store {path} already exists; choose another --run-id or continue it with "
+                            f"`gradpipe train --resume {run_id} --runs-dir {runs_dir}`.")
+
+
+def _taken(path: Path) -> bool:
+    """Whether a run store holds a run. One killed before its row 0 holds nothing: it is removed, so that the
+    run id can start again (``--resume`` has nothing to continue from in it)."""
+    if not path.exists():
+        return False
+    try:
+        empty = RunStore.open(path).committed < 0
+    except Exception:  # noqa: BLE001 - killed while being created: not even its metadata is complete
+        empty = not (path / "zarr.json").is_file()
+    if empty:
+        log.warning("run store %s holds no iteration (killed before row 0): starting it again", path)
+        shutil.rmtree(path)
+    return not empty
 
 
 def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | str | None = None,
@@ -264,7 +289,9 @@ def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[Ru
         raise GradpipeError(f"dataset {meta.uri} changed since run {run_id} started (rows were added or "
                             f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta.uri}`.")
     if store.committed < 0:
-        raise GradpipeError(f"run {run_id} has no committed iteration to resume from; start a new run.")
+        raise GradpipeError(f"run {run_id} has no committed iteration to resume from (it was stopped before its "
+                            f"row 0); start it again: gradpipe train --dataset {meta.uri} --run-id {run_id} "
+                            f"--runs-dir {runs_dir}")
     return store, ds
 
 

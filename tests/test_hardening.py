@@ -233,3 +233,24 @@ def test_ctrl_c_in_a_terminal_stops_gradpipe_run(tmp_path):
     assert f"gradpipe train --resume {store.name.removesuffix('.zarr')}" in out
     assert RunStore.open(store).status == "stopped"
     assert not (tmp_path / "data" / "models").exists()  # a stopped run is neither evaluated nor published
+
+
+def test_a_run_killed_before_row_0_can_start_again_and_a_taken_id_is_refused_first(dataset, tmp_path, scheduler,
+                                                                                   capsys):
+    """Fails before: the dead store made `--resume` say "start a new run" and the new run "already exists"."""
+    from pipeline.store.dataset import open_dataset
+    from pipeline.store.runs import DatasetRef
+
+    ref = DatasetRef(uri=str(dataset), fingerprint=open_dataset(dataset).fingerprint(), target="y", n_rows=6000,
+                     feature_names=[f"x{i}" for i in range(5)], mean=None, scale=None)
+    RunStore.create(tmp_path / "dead.zarr", config=TrainConfig().to_json(), solver="gd", n_params=6, dataset=ref,
+                    state_shapes={}, version="test")  # what a SIGKILL between creation and row 0 leaves
+    assert main(["train", "--resume", "dead", "--runs-dir", str(tmp_path)]) == 2
+    assert "--run-id dead" in capsys.readouterr().err  # says how to start it again
+    rc = main(["train", "--dataset", str(dataset), "--runs-dir", str(tmp_path), "--run-id", "dead", "--solver", "exact",
+               "--quiet", "--scheduler", scheduler])
+    assert rc == 0 and RunStore.open(tmp_path / "dead.zarr").status == "converged"
+    t0 = time.monotonic()  # now the id is taken: refused before connecting to a scheduler that is not there
+    rc = main(["train", "--dataset", str(dataset), "--runs-dir", str(tmp_path), "--run-id", "dead", "--quiet",
+               "--scheduler", "tcp://127.0.0.1:9"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err and time.monotonic() - t0 < 10

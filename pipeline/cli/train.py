@@ -100,13 +100,15 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
     from pipeline.store.dataset import read_info
-    from pipeline.training import check_resumable, resume, train
+    from pipeline.training import check_new_run_id, check_resumable, resume, train
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")
     if args.dataset:
         config = _config(args).validate()
         read_info(args.dataset)  # a missing or wrong dataset fails before a cluster starts
+        if args.run_id:
+            check_new_run_id(args.run_id, args.runs_dir)  # so does a run id that is taken
     else:
         check_resumable(args.resume, args.runs_dir)  # so does a run that cannot continue
     progress = Progress(not (args.quiet or args.json), args.max_iter or TrainConfig().max_iter)
