@@ -101,13 +101,49 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
         _prepare_worker()
         _prepared = True
     kernel, args, combine, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
+    if combine is add:
+        tree = _FoldingTree(leaf_ids, n_leaves, fan_in)
+        for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True):
+            tree.insert(0, i, kernel(*_leaf(path, a, b, k), *args))
+        return tree.nodes
     nodes: dict[Node, np.ndarray] = {}
     for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True):
-        # combine as the leaves come: at most fan_in nodes per level are held, not every leaf's result (a
-        # 5,000-feature Gram is 200 MB per leaf); the tree, and so the bits, are the same
         nodes[(0, i)] = kernel(*_leaf(path, a, b, k), *args)
-        nodes = reduce_tree(nodes, n_leaves, fan_in, combine)
+        nodes = reduce_tree(nodes, n_leaves, fan_in, combine)  # combine as the leaves come
     return nodes
+
+
+class _FoldingTree:
+    """The sums of the fixed tree, folded in place as a worker's leaves come, in order.
+
+    A parent whose children are all this worker's is the running sum ``((c0 + c1) + c2) + …``, exactly what
+    :func:`add` computes from the list, so the bits are the same; only one partial sum per level is held
+    instead of every leaf's result (a 5,000-feature Gram is 200 MB per leaf). Children of a parent that other
+    workers share are kept as they are, for the driver to combine.
+    """
+
+    def __init__(self, leaf_ids: list[int], n_leaves: int, fan_in: int):
+        self.fan_in, self.nodes, self.partial = fan_in, {}, {}
+        self.sizes, self.whole = [n_leaves], [set(leaf_ids)]  # per level: node count, nodes wholly ours
+        while self.sizes[-1] > 1:
+            size = -(-self.sizes[-1] // fan_in)
+            kids = self.whole[-1]
+            self.whole.append({p for p in range(size) if all(
+                k in kids for k in range(p * fan_in, min((p + 1) * fan_in, self.sizes[-1])))})
+            self.sizes.append(size)
+
+    def insert(self, level: int, index: int, value: np.ndarray) -> None:
+        parent = index // self.fan_in
+        if level + 1 >= len(self.sizes) or parent not in self.whole[level + 1]:
+            self.nodes[(level, index)] = value
+            return
+        key = (level + 1, parent)
+        if index == parent * self.fan_in:
+            self.partial[key] = np.array(value, dtype=np.float64, copy=True)
+        else:
+            self.partial[key] += value
+        if index == min((parent + 1) * self.fan_in, self.sizes[level]) - 1:
+            self.insert(level + 1, parent, self.partial.pop(key))
 
 
 def _prepare_worker() -> None:

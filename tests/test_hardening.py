@@ -254,3 +254,26 @@ def test_a_run_killed_before_row_0_can_start_again_and_a_taken_id_is_refused_fir
     rc = main(["train", "--dataset", str(dataset), "--runs-dir", str(tmp_path), "--run-id", "dead", "--quiet",
                "--scheduler", "tcp://127.0.0.1:9"])
     assert rc == 2 and "already exists" in capsys.readouterr().err and time.monotonic() - t0 < 10
+
+
+def test_workers_fold_sums_in_place_with_the_bits_of_the_fixed_tree():
+    """The in-place fold a worker uses for sums gives the bits of `reduce_tree` over the whole list, however
+    the leaves are split among workers (values spanning 16 orders of magnitude make any reordering show)."""
+    from pipeline.engine import _FoldingTree, reduce_tree
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 9, 17, 65):
+        for fan_in in (2, 3, 8):
+            leaves = [rng.standard_normal(7) * 10 ** rng.uniform(-8, 8, 7) for _ in range(n)]
+            ref = reduce_tree({(0, i): v for i, v in enumerate(leaves)}, n, fan_in)
+            for cuts in ([n], [n // 3, n], [1, n // 2, n]):
+                nodes, start = {}, 0
+                for stop in cuts:
+                    ids, start = list(range(start, stop)), stop
+                    tree = _FoldingTree(ids, n, fan_in)
+                    for i in ids:
+                        tree.insert(0, i, leaves[i])
+                    assert not tree.partial  # every partial sum was completed and handed on
+                    nodes.update(tree.nodes)
+                got = reduce_tree(nodes, n, fan_in)
+                assert list(got) == list(ref) and all(np.array_equal(got[k], ref[k]) for k in ref), (n, fan_in, cuts)
