@@ -136,3 +136,32 @@ def test_npy_with_objects_is_refused_without_unpickling(tmp_path, scheduler, cap
 def test_debug_shows_traceback(tmp_path, capsys):
     assert main(["ingest", str(Path(tmp_path) / "x.csv"), "--target", "y", "--dataset", "d", "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ingest", "train", "run", "evaluate"])
+@pytest.mark.parametrize("workers", ["-1", "0", "two"])
+def test_workers_below_one_is_refused_by_argparse(capsys, tmp_path, command, workers):
+    """`--workers -1` hung ingest and `0` silently meant the default: argparse refuses both, exit 2, before
+    any cluster starts or any file is touched (the dataset path is never created)."""
+    ds = tmp_path / "ds.zarr"
+    args = {"ingest": [str(tmp_path), "--target", "y", "--dataset", str(ds)],
+            "train": ["--dataset", str(ds)],
+            "run": [],
+            "evaluate": ["--run", "r", "--dataset", str(ds)]}[command]
+    with pytest.raises(SystemExit) as exc:
+        main([command, *args, "--workers", workers])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"argument --workers: .*(>= 1|whole number).*" + re.escape(workers), err), err
+    assert "Traceback" not in err and not ds.exists()
+
+
+def test_every_option_of_these_commands_has_help_text():
+    """`--dtype`, `--seed`, `--checkpoint-every` and others printed no help: each option now says what it does."""
+    from pipeline.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    missing = [(name, act.option_strings[-1]) for name in ("ingest", "train", "run", "serve", "evaluate",
+                                                           "make-data")
+               for act in sub[name]._actions if act.option_strings and not act.help]
+    assert not missing, missing

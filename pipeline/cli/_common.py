@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import time
@@ -11,6 +12,17 @@ from typing import Any
 from pipeline.errors import GradpipeError
 
 DEFAULT_RUNS_DIR = "data/runs"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for ``--workers``: 0 silently meant "the default" and -1 hung ingest, so refuse both."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (omit it for one worker per core), got {value}")
+    return value
 
 
 def add_runs_dir(p) -> None:

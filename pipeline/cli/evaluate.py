@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli._common import add_runs_dir
+from pipeline.cli._common import add_runs_dir, positive_int
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset store with the run's feature columns")
     add_runs_dir(p)
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
-    p.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    p.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.cli._common import positive_int
 from pipeline.store.dataset import COMPRESSORS
 
 
@@ -19,14 +20,15 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma-separated feature columns (default: every column but the target)")
     p.add_argument("--chunk-mb", type=float, default=64.0, help="MiB of X per row chunk (default 64)")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="stored value type (default float64; float32 halves the store and memory)")
     p.add_argument("--on-invalid", choices=["error", "drop"], default="error",
                    help="what to do with rows holding empty cells, NaN or ±inf (default: error)")
     p.add_argument("--compressor", choices=COMPRESSORS, default="lz4", help="chunk compressor (default lz4)")
     p.add_argument("--replace", action="store_true", help="rebuild when an ingested file has changed")
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or a "
                                        "local cluster)")
-    p.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    p.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, SOLVERS
 
 
@@ -24,10 +25,10 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target column")
     p.add_argument("--data-dir", help="root of datasets/, runs/ and models/ (default data)")
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
-    p.add_argument("--workers", type=int, help="workers of the local cluster")
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--solver", choices=SOLVERS)
-    p.add_argument("--max-iter", type=int)
+    p.add_argument("--workers", type=positive_int, help="workers of the local cluster")
+    p.add_argument("--model", choices=MODELS, help="linear or logistic (default: the settings' model, linear)")
+    p.add_argument("--solver", choices=SOLVERS, help="training solver (default auto: see README, Solvers)")
+    p.add_argument("--max-iter", type=int, help="most training iterations (default: the settings')")
     p.add_argument("--allow-unconverged", action="store_true", default=None,
                    help="let the quality gate publish a run that ended on its iteration or time budget "
                         "(refused by default)")

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, PERSIST, SCHEDULES, SOLVERS, TrainConfig
 
 
@@ -29,7 +30,7 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", help="name of the new run (default: <dataset>-<time>-<random>)")
     p.add_argument("--runs-dir", default="data/runs", help="where run stores live (default data/runs)")
     d = TrainConfig()
-    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--model", choices=MODELS, default=d.model, help=f"GLM family (default {d.model})")
     p.add_argument("--solver", choices=SOLVERS, default=d.solver,
                    help="auto (default): exact (linear) or newton (logistic) up to 4,096 features, lbfgs above; "
                         "exact = one-pass TSQR least squares; newton = IRLS; lbfgs; first-order gd, sgd, momentum, "
@@ -51,16 +52,20 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="sgd learning-rate schedule")
     p.add_argument("--power-t", type=float, default=d.power_t, help="sgd invscaling exponent")
     p.add_argument("--early-stopping", action="store_true", help="sgd: stop on held-out chunks' loss")
-    p.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
-    p.add_argument("--n-iter-no-change", type=int, default=d.n_iter_no_change)
+    p.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
+                   help=f"share of chunks held out by --early-stopping (default {d.validation_fraction})")
+    p.add_argument("--n-iter-no-change", type=int, default=d.n_iter_no_change,
+                   help=f"--early-stopping: iterations without improvement (default {d.n_iter_no_change})")
     p.add_argument("--beta", type=float, default=d.beta, help="momentum coefficient")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of sgd's batch order and the validation split (default {d.seed})")
     p.add_argument("--fan-in", type=int, default=d.fan_in, help=f"reduction tree fan-in (default {d.fan_in})")
     p.add_argument("--persist", choices=PERSIST, default=d.persist,
                    help="keep chunks in worker memory (auto: when they fit in half of it) or stream from Zarr")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"commit a run-store row every K iterations (default {d.checkpoint_every}: every one)")
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
-    p.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    p.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
