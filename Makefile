@@ -12,11 +12,13 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	@echo "installing gradpipe and its dependencies (dask, zarr, prefect, pyarrow...) into $(VENV): about 3 minutes on a fresh machine"
+	$(BIN)/pip install --progress-bar on -e .
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "installing gradpipe with its dev extras into $(VENV): about 3-4 minutes on a fresh machine"
+	$(BIN)/pip install -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
 DEMO_RAW := data/raw/demo
