@@ -165,3 +165,19 @@ def test_every_option_of_these_commands_has_help_text():
                                                            "make-data")
                for act in sub[name]._actions if act.option_strings and not act.help]
     assert not missing, missing
+
+
+def test_compressed_csv_in_a_directory_is_named_not_skipped(capsys, tmp_path):
+    """A `.csv.gz` beside plain CSVs was skipped silently (rows missing without a word): now exit 2 naming
+    it, and no dataset is written."""
+    import gzip
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "a.csv").write_text(GOOD)
+    (src / "b.csv.gz").write_bytes(gzip.compress(GOOD.encode()))
+    ds = tmp_path / "ds.zarr"
+    code, err = run_cli(capsys, str(src), "--target", "y", "--dataset", str(ds))
+    assert code == 2, err
+    assert "b.csv.gz" in err and "decompress" in err and "Traceback" not in err
+    assert not ds.exists()

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.errors import GradpipeError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
+COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 PIECE_BYTES = 32 * 2**20  # bytes of raw input per parse task: bounds a task's memory whatever the file size
 
 
@@ -43,6 +44,14 @@ def discover(sources: list[str]) -> list[Path]:
         for m in matches:
             if m.is_dir():
                 inside = sorted(p for p in m.rglob("*") if p.suffix.lower() in FORMATS and p.is_file())
+                # Compressed files were skipped silently, so a dataset could miss rows without a word.
+                packed = sorted(p for p in m.rglob("*") if p.suffix.lower() in COMPRESSED
+                                and Path(p.stem).suffix.lower() in FORMATS and p.is_file())
+                if packed:
+                    raise GradpipeError(f"directory {m} holds compressed files ingest cannot split into "
+                                        f"pieces: {', '.join(str(p) for p in packed[:3])}"
+                                        f"{' …' if len(packed) > 3 else ''} (decompress them, e.g. "
+                                        "`gunzip -k`, or name the other files explicitly).")
                 if not inside:
                     raise GradpipeError(f"directory {m} holds no .csv, .parquet or .npy files.")
                 found.extend(inside)
