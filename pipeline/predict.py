@@ -156,7 +156,11 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     rows = 0
     try:
         if kind_out == "csv":
-            writer: Any = pacsv.CSVWriter(str(tmp), out_schema)
+            # Arrow quotes every header name by default; write it plain like the input, quoting only a name
+            # that needs it (a comma, quote or newline in it).
+            plain = not any(set(n) & set(',"\r\n') for n in out_schema.names)
+            opts = pacsv.WriteOptions(quoting_header="none" if plain else "needed")
+            writer: Any = pacsv.CSVWriter(str(tmp), out_schema, write_options=opts)
         else:
             writer = pq.ParquetWriter(str(tmp), out_schema)
         with writer:

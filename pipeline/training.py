@@ -189,17 +189,20 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                 shutil.rmtree(begin.path, ignore_errors=True)
                 raise
             return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
-        t = store.committed
-        state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
-        row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
-                  float(store.row("lr", t)), state)
-        solver.load_static(store.statics())
-        solver.restore(row, store.resume_state["solver"])
-        objective.passes = float(store.row("passes", t))
-        prev = float(store.row("loss", t - 1)) if t > 0 else None
-        store.set_status("running")
-        return _loop(store, begin, solver, objective, config, row, t, prev, time.perf_counter(),
-                     float(store.row("elapsed", t)), on_iteration, resumed=True)
+        from pipeline.store.runs import run_lock
+
+        with run_lock(begin.path):  # held for the whole resume: a second --resume of this run is refused
+            t = store.committed
+            state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
+            row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
+                      float(store.row("lr", t)), state)
+            solver.load_static(store.statics())
+            solver.restore(row, store.resume_state["solver"])
+            objective.passes = float(store.row("passes", t))
+            prev = float(store.row("loss", t - 1)) if t > 0 else None
+            store.set_status("running")
+            return _loop(store, begin, solver, objective, config, row, t, prev, time.perf_counter(),
+                         float(store.row("elapsed", t)), on_iteration, resumed=True)
     finally:
         engine.close()
 
@@ -288,6 +291,10 @@ def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[Ru
     if ds.fingerprint() != meta.fingerprint:
         raise GradpipeError(f"dataset {meta.uri} changed since run {run_id} started (rows were added or "
                             f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta.uri}`.")
+    from pipeline.store.runs import run_lock
+
+    with run_lock(store.path):  # refused here, before a cluster starts, if another process trains it
+        pass
     if store.committed < 0:
         raise GradpipeError(f"run {run_id} has no committed iteration to resume from (it was stopped before its "
                             f"row 0); start it again: gradpipe train --dataset {meta.uri} --run-id {run_id} "

@@ -44,8 +44,10 @@ def summary(path: Path) -> dict[str, Any]:
 
     store = RunStore.open(path)
     t = store.committed
+    # committed = -1: killed between store creation and row 0 (a new run with its id reclaims it).
+    status = "not started" if t < 0 and store.status == "running" else store.status
     return {
-        "run_id": path.name.removesuffix(".zarr"), "status": store.status, "n_iter": max(t, 0),
+        "run_id": path.name.removesuffix(".zarr"), "status": status, "n_iter": max(t, 0),
         "loss": _num(store.row("loss", t)) if t >= 0 else None, "model": store.model,
         "solver": store.solver, "dataset": Path(store.dataset.uri.rstrip("/")).name,
         "started": store.started, "path": str(path),

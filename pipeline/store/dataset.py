@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import GradpipeError
 from pipeline.stats import FeatureStats
@@ -87,10 +87,11 @@ def chunk_rows_for(chunk_mb: float, n_features: int, itemsize: int) -> int:
 
 
 def _codecs(compressor: str, itemsize: int) -> list:
-    if compressor == "none":
-        return []
-    return [BloscCodec(cname=compressor, clevel=5 if compressor == "lz4" else 3, shuffle="shuffle",
-                       typesize=itemsize)]
+    """The compressor, then a crc32c checksum of the stored bytes: a flipped bit or garbage chunk is an
+    error at read, never silent numbers (Zarr would otherwise decode what it can)."""
+    blosc = [] if compressor == "none" else [
+        BloscCodec(cname=compressor, clevel=5 if compressor == "lz4" else 3, shuffle="shuffle", typesize=itemsize)]
+    return [*blosc, Crc32cCodec()]
 
 
 def create_arrays(path: Path, n_rows: int, n_features: int, chunk_rows: int, dtype: str,
@@ -131,8 +132,41 @@ def chunk_files(path: Path, index: int) -> list[Path]:
 
 
 def read_rows(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[start, stop)`` of X and y; a chunk that fails to decode (checksum, blosc) names itself."""
     group = zarr.open_group(path, mode="r")
-    return group["X"][start:stop], group["y"][start:stop]
+    out = []
+    for name in ("X", "y"):
+        arr = group[name]
+        try:
+            out.append(arr[start:stop])
+        except Exception as exc:  # noqa: BLE001 - checksum mismatch, blosc error, truncated file
+            first, last = start // arr.chunks[0], max(start, stop - 1) // arr.chunks[0]
+            chunks = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            raise GradpipeError(f"dataset {path}: array {name} {chunks} (rows {start}-{stop - 1}) is corrupted "
+                                f"({type(exc).__name__}: {exc}); re-ingest it with --replace.") from None
+    return out[0], out[1]
+
+
+def missing_chunks(path: str, info: DatasetInfo) -> list[str]:
+    """Chunk keys the row count implies but the store lacks (Zarr would read them as zeros).
+
+    One listing of each array's chunk directory: cheap next to reading the data. Only local stores are
+    listed; remote stores rely on the checksums at read time.
+    """
+    if "://" in path:
+        return []
+    group = zarr.open_group(path, mode="r")
+    missing = []
+    for name in ("X", "y"):
+        arr = group[name]
+        root = Path(path) / name
+        present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+        extra = (0,) * (arr.ndim - 1)
+        for i in range(-(-info.n_rows // arr.chunks[0])):
+            key = arr.metadata.encode_chunk_key((i, *extra))
+            if key not in present:
+                missing.append(f"{name}/{key}")
+    return missing
 
 
 def commit_info(path: Path, info: DatasetInfo) -> None:
@@ -181,6 +215,11 @@ def open_dataset(uri: str | Path) -> Dataset:
     import dask.array as da
 
     info = read_info(uri)
+    missing = missing_chunks(info.path, info)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise GradpipeError(f"dataset {info.path} is missing chunk {', '.join(missing[:3])}{more} "
+                            f"(deleted or never written); re-ingest it with --replace.")
     group = zarr.open_group(info.path, mode="r")
     X = da.from_zarr(group["X"])[: info.n_rows]
     y = da.from_zarr(group["y"])[: info.n_rows]

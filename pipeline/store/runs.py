@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,25 @@ class DatasetRef:
 
     def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return tuple(None if v is None else np.asarray(v, dtype=np.float64) for v in (self.mean, self.scale))
+
+
+@contextmanager
+def run_lock(path: str | Path) -> Iterator[None]:
+    """Held for the life of a training or resume on the run store ``path``: a second writer is refused.
+
+    The dataset lock's flock (a sibling ``.<run>.zarr.lock`` file): the OS drops it when its process
+    dies, so a killed run never blocks the next resume.
+    """
+    from pipeline.store.atomic import locked
+
+    try:
+        with locked(Path(path)):
+            yield
+    except GradpipeError as exc:
+        if "another gradpipe process" not in str(exc):
+            raise
+        raise GradpipeError(f"run {Path(path).name.removesuffix('.zarr')} is being trained or resumed by "
+                            f"another gradpipe process; wait for it to finish.") from None
 
 
 class RunStore:
