@@ -181,3 +181,14 @@ def test_compressed_csv_in_a_directory_is_named_not_skipped(capsys, tmp_path):
     assert code == 2, err
     assert "b.csv.gz" in err and "decompress" in err and "Traceback" not in err
     assert not ds.exists()
+
+
+def test_csv_field_over_the_csv_module_limit_names_file_and_line(capsys, tmp_path):
+    """A 200 KiB field raised `_csv.Error: field larger than field limit` as a traceback (exit 1)."""
+    src = tmp_path / "a.csv"
+    src.write_text("x0,x1,y\n1,2,3\n4," + "a" * 200_000 + ",6\n")
+    ds = tmp_path / "ds.zarr"
+    code, err = run_cli(capsys, str(src), "--target", "y", "--dataset", str(ds))
+    assert code == 2, err
+    assert re.search(r"a\.csv: line 3 cannot be read as CSV \(field larger than field limit", err), err
+    assert "Traceback" not in err and not ds.exists()

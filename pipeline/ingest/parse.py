@@ -144,6 +144,18 @@ def _cell_value(cell: str, dtype: str) -> float:
     return v
 
 
+def _records(reader, path: str, line0: int):
+    """The csv module's own errors (a field over its 128 KiB limit, a NUL byte) name the file and line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise GradpipeError(f"{path}: line {line0 + reader.line_num - 1} cannot be read as CSV ({exc}); "
+                                "no value that long is a number.") from None
+
+
 def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> Table:
     """Row-by-row parse: names the exact bad line, or drops bad rows under ``--on-invalid drop``."""
     line0 = _first_line_number(piece)
@@ -151,7 +163,7 @@ def _slow_csv(piece: Piece, schema: Schema, data: bytes, arrow_message: str) -> 
     used = [*schema.features, schema.target]
     rows: list[list[float]] = []
     reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace")))
-    for record in reader:
+    for record in _records(reader, piece.path, line0):
         line = line0 + reader.line_num - 1
         if not record:
             continue
