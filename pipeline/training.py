@@ -33,7 +33,7 @@ from pipeline.objective import ClusterObjective
 from pipeline.problem import Problem
 from pipeline.solvers import Row, Solver, Stalled, make_solver, resolve
 from pipeline.store.dataset import open_dataset
-from pipeline.store.runs import DatasetRef, RunStore
+from pipeline.store.runs import DatasetRef, RunStore, run_lock
 
 log = logging.getLogger("gradpipe.train")
 OnIteration = Callable[[int, dict[str, Any]], None]
@@ -174,23 +174,23 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
         solver = make_solver(config.solver, config, problem, objective)
         store = begin.store
         if store is None:
-            _check_target(objective, ds)
-            mean, scale = (None, None) if not config.standardize else (problem.mean.tolist(), problem.scale.tolist())
-            store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name, dataset=DatasetRef(
-                uri=ds.path, fingerprint=ds.fingerprint(), feature_names=ds.feature_names, target=ds.target,
-                n_rows=ds.n_rows, mean=mean, scale=scale), n_params=problem.n_params,
-                state_shapes=solver.state_shapes(), version=__version__)
-            t0 = time.perf_counter()
-            try:
-                row = solver.start(begin.theta0)
-                for name, value in solver.static_arrays().items():
-                    store.write_static(name, value)
-            except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
-                shutil.rmtree(begin.path, ignore_errors=True)
-                raise
-            return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
-        from pipeline.store.runs import run_lock
-
+            with run_lock(begin.path):  # two new runs with one id: the second is refused, not interleaved
+                _check_target(objective, ds)
+                mean, scale = ((problem.mean.tolist(), problem.scale.tolist()) if config.standardize
+                               else (None, None))
+                store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name, dataset=DatasetRef(
+                    uri=ds.path, fingerprint=ds.fingerprint(), feature_names=ds.feature_names, target=ds.target,
+                    n_rows=ds.n_rows, mean=mean, scale=scale), n_params=problem.n_params,
+                    state_shapes=solver.state_shapes(), version=__version__)
+                t0 = time.perf_counter()
+                try:
+                    row = solver.start(begin.theta0)
+                    for name, value in solver.static_arrays().items():
+                        store.write_static(name, value)
+                except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
+                    shutil.rmtree(begin.path, ignore_errors=True)
+                    raise
+                return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
         with run_lock(begin.path):  # held for the whole resume: a second --resume of this run is refused
             t = store.committed
             state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
