@@ -64,9 +64,14 @@ def run_lock(path: str | Path) -> Iterator[None]:
     """
     from pipeline.store.atomic import locked
 
+    path = Path(path)
     try:
-        with locked(Path(path)):
-            yield
+        with locked(path):
+            try:
+                yield
+            finally:
+                if not path.exists():  # a run that failed to start leaves nothing behind, not even its lock
+                    (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
     except GradpipeError as exc:
         if "another gradpipe process" not in str(exc):
             raise
