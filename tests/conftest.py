@@ -74,3 +74,16 @@ def make_xy(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     X = rng.normal(size=(n, d)) * rng.uniform(0.01, 100, size=d) + rng.uniform(-50, 50, size=d)
     y = X @ rng.normal(size=d) + rng.normal(size=n)
     return X, y
+
+
+def wait_until(check, deadline_s: float, what: str, poll_s: float = 0.1):
+    """``check()``'s first truthy value, polled until a deadline (never a fixed sleep that hopes)."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
+        time.sleep(poll_s)

@@ -28,7 +28,7 @@ from pipeline.ingest import ingest
 from pipeline.publish import decide
 from pipeline.store.runs import RunStore
 from pipeline.training import train
-from tests.conftest import make_xy, write_csv
+from tests.conftest import make_xy, wait_until, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,16 +40,6 @@ def dataset(tmp_path_factory, client):
     write_csv(root / "a.csv", X, y)
     ingest([str(root / "a.csv")], root / "ds.zarr", "y", client, chunk_mb=0.02)  # 15 chunks
     return root / "ds.zarr"
-
-
-def wait_until(check, deadline_s: float, what: str):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
-        time.sleep(0.1)
 
 
 def committed(store: Path) -> int:

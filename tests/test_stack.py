@@ -20,6 +20,8 @@ import numpy as np
 import psutil
 import pytest
 
+from tests.conftest import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = "0 0 1 1 *"  # the served deployment's schedule in tests: no scheduled run fires during the test
 TIMINGS: dict[str, float] = {}
@@ -67,16 +69,6 @@ def processes_in(stack_dir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-def wait_for(check, deadline_s: float, what: str):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
-        time.sleep(0.5)
 
 
 def api_json(method: str, url: str, deadline_s: float = 120, **kw):
@@ -189,7 +181,7 @@ def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
         got = api_json("GET", f"{api}/flow_runs/{fr['id']}")
         return got if got["state_type"] in final else None
 
-    got = wait_for(finished, 300, "the served deployment's run")
+    got = wait_until(finished, 300, "the served deployment's run", poll_s=0.5)
     TIMINGS["served run"] = round(time.monotonic() - t0, 1)
     assert got["state_type"] == "COMPLETED", (got["state"], Path(state["components"][-1]["log"]).read_text()[-3000:])
     assert (root / "served" / "models" / "served" / "latest.json").is_file()
@@ -236,7 +228,7 @@ def test_a_component_that_cannot_start_stops_the_stack(tmp_path):
     assert "Address already in use" in errors[0]
     assert "--- last lines of" in r.stderr  # the log tail
     assert not (stack_dir / "stack.json").exists()
-    wait_for(lambda: not processes_in(stack_dir), 30, "the started components to be gone")
+    wait_until(lambda: not processes_in(stack_dir), 30, "the started components to be gone", poll_s=0.5)
 
 
 def test_tls_stack_processes_speak_only_tls(tmp_path):
@@ -267,7 +259,7 @@ def test_tls_stack_processes_speak_only_tls(tmp_path):
             except Exception:  # noqa: BLE001 - not up yet
                 return False
 
-        wait_for(one_worker, 60, "a tls:// scheduler with 1 worker")
+        wait_until(one_worker, 60, "a tls:// scheduler with 1 worker", poll_s=0.5)
         with Client(state.scheduler_address, security=tls.security(files), timeout="30s") as c:
             assert c.submit(sum, [2, 3]).result() == 5
         with pytest.raises((OSError, TimeoutError)):  # see test_tls.py for the 5 s
