@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,11 @@ class ChunkEngine:
         self.layout = ChunkLayout.regular(n_rows, chunk_rows, n_features, itemsize)
         self.n_rows = n_rows
         self.nbytes = n_rows * (n_features + 1) * itemsize
-        # task names the dashboard shows: gradpipe-load-<dataset>-<leaf>, gradpipe-pass-<name>-<pass>-<group>
+        # task names the dashboard shows: gradpipe-load-<dataset>, gradpipe-pass-<name> (the run id). The
+        # engine's own token makes every key unique on a shared cluster: a key that another engine still
+        # holds (another store of the same name, a run id used in another runs dir) would hand back its data.
         self.name = Path(str(store).rstrip("/")).name.removesuffix(".zarr")
+        self._token = uuid.uuid4().hex[:12]
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
         if not workers:
             raise RuntimeError("the Dask cluster has no workers")
@@ -220,7 +224,7 @@ class ChunkEngine:
         a, b = self.layout.bounds[position]
         return self.client.submit(read_rows, self.store, a, b, workers=[self._owner(position)],
                                   allow_other_workers=True, pure=False,
-                                  key=f"gradpipe-load-{self.name}-{position}-{self._resubmits}")
+                                  key=f"gradpipe-load-{self.name}-{self._token}-{position}-{self._resubmits}")
 
     def _owner(self, position: int) -> str:
         """Contiguous ranges of leaves per worker, balanced by rows (leaf sizes differ at chunk ends)."""
@@ -286,7 +290,7 @@ class ChunkEngine:
                                 n_leaves, self.fan_in, self.store, [self.layout.bounds[p] for p in mine], keys),
                                protocol=pickle.HIGHEST_PROTOCOL)
         return self.client.submit(_run_group, payload, workers=[worker], allow_other_workers=True, pure=False,
-                                  key=f"gradpipe-pass-{self.name}-{self._calls}-{group}-{self._resubmits}")
+                                  key=f"gradpipe-pass-{self.name}-{self._token}-{self._calls}-{group}-{self._resubmits}")
 
     def _replace_lost(self, spec: tuple, jobs: list[tuple[Future, str, list[int]]]
                       ) -> list[tuple[Future, str, list[int]]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,28 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_engines_on_one_cluster_never_share_a_key(client, tmp_path):
+    """Two live engines over two stores of the same name (as in two test dirs or two users' data dirs): each
+    must compute on its own leaves. Task keys once held only the store name, and Dask hands back the data of
+    a key it already has, so the second engine read the first one's rows."""
+    from pipeline.engine import ChunkEngine
+    from pipeline.estimators import write_dataset
+    from pipeline.losses import chunk_sums
+    from pipeline.store.dataset import open_dataset
+
+    theta = np.zeros(D + 1)
+    engines, data = [], []
+    for seed in (1, 2):
+        X, y = make_xy(1000, D, seed=seed)
+        path = tmp_path / str(seed) / "ds.zarr"
+        write_dataset(path, X, y, client, chunk_rows=250)
+        ds = open_dataset(path)
+        engines.append(ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows,
+                                   n_features=ds.n_features, itemsize=8, persist="yes"))
+        data.append((X, y))
+    for engine, (X, y) in zip(engines, data, strict=True):
+        # sums over 4 leaves against one sum over all rows: equal up to rounding (1e-10 relative)
+        np.testing.assert_allclose(engine.map_reduce(partial(chunk_sums, "linear"), theta),
+                                   chunk_sums("linear", X, y, theta), rtol=1e-10)
