@@ -1,6 +1,6 @@
 """The per-pass work on the cluster: map a chunk kernel over co-located (X, y) leaves, combine up a fixed tree.
 
-Design (DESIGN.md §3), with departures measured on this 2-core machine:
+Design (docs/design.md §3), with departures measured on this 2-core machine:
 
 - **One task per worker per iteration.** A Dask task costs ~1 ms of scheduler and worker time, so one task
   per chunk (64 chunks → ~70–90 ms per iteration) cannot meet a 10 ms budget. Each worker gets ONE task that

@@ -1,6 +1,6 @@
 """The objective on the cluster: the passes a solver can ask for, each one read of every leaf.
 
-Kinds of pass (DESIGN.md §3): value+gradient, value+gradient+weighted Gram (Newton), the TSQR R factor
+Kinds of pass (docs/design.md §3): value+gradient, value+gradient+weighted Gram (Newton), the TSQR R factor
 (exact least squares), and the Gram of the standardized data (the curvature bound of ``--lr auto``).
 Each is one ``map_reduce`` of a kernel from ``pipeline.losses`` with its combine; ``passes`` counts them, and
 that count is what the run store's ``passes`` column and the benchmarks report.

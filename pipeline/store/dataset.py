@@ -1,6 +1,6 @@
 """The dataset store: a Zarr v3 group with ``X`` (n, d), ``y`` (n,) in aligned row chunks, plus attrs.
 
-Layout (DESIGN.md §4), readable with plain ``zarr.open_group`` / ``xarray.open_zarr``:
+Layout (docs/design.md §4), readable with plain ``zarr.open_group`` / ``xarray.open_zarr``:
 
 - ``X``: float64|float32, chunks ``(chunk_rows, d)``, dimension names ``(row, feature)``.
 - ``y``: same dtype, chunks ``(chunk_rows,)``.
