@@ -8,8 +8,9 @@ STAMP_DEV := $(VENV)/.installed-dev
 .PHONY: demo test lint bench clean
 
 $(BIN)/python:
+	@echo "creating the virtual environment $(VENV) and upgrading pip in it: under a minute"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --progress-bar on --upgrade pip
 
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
 	@echo "installing gradpipe and its dependencies (dask, zarr, prefect, pyarrow...) into $(VENV): about 3 minutes on a fresh machine"
@@ -18,12 +19,13 @@ $(STAMP_RUN): pyproject.toml | $(BIN)/python
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	@echo "installing gradpipe with its dev extras into $(VENV): about 3-4 minutes on a fresh machine"
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
 DEMO_RAW := data/raw/demo
 
 demo: $(STAMP_RUN)
+	@test -f $(DEMO_RAW)/truth.json || echo "writing the demo data (1,000,000 rows × 20 features, 8 CSV files) to $(DEMO_RAW): it may take a minute"
 	test -f $(DEMO_RAW)/truth.json || $(BIN)/gradpipe make-data --kind linear --rows 1000000 --features 20 \
 		--files 8 --format csv --out $(DEMO_RAW)
 	$(BIN)/gradpipe run
@@ -36,7 +38,8 @@ test: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP_DEV)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@echo "installing the bench extras (dask-ml) into $(VENV): a few minutes the first time"
+	$(BIN)/pip install --quiet --progress-bar on -e '.[dev,bench]'
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/solvers.py

@@ -30,17 +30,21 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                                        "local cluster)")
     p.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress line (there is none on a pipe either)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
+    from pipeline.progress import IngestProgress, wanted
 
-    # The cluster starts only once the inputs are checked and there is something new to parse.
-    result = ingest(args.sources, args.dataset, args.target, features=args.features, chunk_mb=args.chunk_mb,
-                    dtype=args.dtype, on_invalid=args.on_invalid, replace=args.replace,
-                    compressor=args.compressor, scheduler=args.scheduler, workers=args.workers,
-                    announce=not args.json)
+    # The cluster starts only once the inputs are checked and there is something new to parse. The live
+    # line (a terminal only; a pipe, --quiet and --json get just the result line) starts with the first piece.
+    with IngestProgress(wanted(args.quiet or args.json)) as progress:
+        result = ingest(args.sources, args.dataset, args.target, features=args.features, chunk_mb=args.chunk_mb,
+                        dtype=args.dtype, on_invalid=args.on_invalid, replace=args.replace,
+                        compressor=args.compressor, scheduler=args.scheduler, workers=args.workers,
+                        announce=not (args.json or args.quiet), on_piece=progress)
     if args.json:
         print(json.dumps(result.to_json()))
     elif not result.appended_files:

@@ -6,7 +6,6 @@ import argparse
 import json
 import signal
 import sys
-import time
 
 from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, PERSIST, SCHEDULES, SOLVERS, TrainConfig
@@ -67,7 +66,7 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
     p.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress line (there is none on a pipe either)")
     p.set_defaults(func=run)
 
 
@@ -77,33 +76,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-class Progress:
-    """One status line per iteration on a terminal; on a pipe, at most one line per second."""
-
-    def __init__(self, enabled: bool, max_iter: int):
-        self.enabled, self.max_iter, self.last = enabled, max_iter, 0.0
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, t: int, rec: dict) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        line = (f"iter {t:>6}/{self.max_iter}  loss {rec['loss']:.10g}  |g| {rec['grad_norm']:.3e}  "
-                f"lr {rec['lr']:.3g}  {rec['elapsed']:.1f}s")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif now - self.last >= 1.0 or t == 0:
-            print(line, file=sys.stderr, flush=True)
-            self.last = now
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
+    from pipeline.progress import TrainProgress, wanted
     from pipeline.store.dataset import read_info
     from pipeline.training import check_new_run_id, check_resumable, resume, train
 
@@ -114,19 +90,20 @@ def run(args: argparse.Namespace) -> int:
         read_info(args.dataset)  # a missing or wrong dataset fails before a cluster starts
         if args.run_id:
             check_new_run_id(args.run_id, args.runs_dir)  # so does a run id that is taken
+        max_iter = config.max_iter
     else:
-        check_resumable(args.resume, args.runs_dir)  # so does a run that cannot continue
-    progress = Progress(not (args.quiet or args.json), args.max_iter or TrainConfig().max_iter)
-    try:
-        with dask_client(args.scheduler, args.workers, announce=not (args.json or args.quiet)) as client:
-            if args.resume:
-                result = resume(args.resume, runs_dir=args.runs_dir, client=client, max_iter=args.max_iter,
-                                time_budget=args.time_budget, on_iteration=progress)
-            else:
-                result = train(args.dataset, config, client=client, runs_dir=args.runs_dir, run_id=args.run_id,
-                               on_iteration=progress)
-    finally:
-        progress.close()
+        store, _ = check_resumable(args.resume, args.runs_dir)  # so does a run that cannot continue
+        max_iter = args.max_iter or TrainConfig.from_json(store.config).max_iter
+    # A live line on a terminal only; a pipe, --quiet and --json get just the result lines below. It ends
+    # before the cluster shuts down, so nothing the shutdown logs lands inside it.
+    with (dask_client(args.scheduler, args.workers, announce=not (args.json or args.quiet)) as client,
+          TrainProgress(wanted(args.quiet or args.json), max_iter) as progress):
+        if args.resume:
+            result = resume(args.resume, runs_dir=args.runs_dir, client=client, max_iter=args.max_iter,
+                            time_budget=args.time_budget, on_iteration=progress)
+        else:
+            result = train(args.dataset, config, client=client, runs_dir=args.runs_dir, run_id=args.run_id,
+                           on_iteration=progress)
     if args.json:
         from pipeline.cli._common import json_safe
 

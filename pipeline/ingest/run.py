@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ from pipeline.store.dataset import (
     write_chunk,
 )
 
+OnPiece = Callable[[int, int, int, int], None]
+"""``on_piece(done, total, bytes_done, bytes_total)``: called once per parsed piece, in completion order."""
+
 
 @dataclass
 class IngestResult:
@@ -56,11 +60,13 @@ class IngestResult:
 def ingest(sources: list[str], dataset: str | Path, target: str, client: Client | None = None, *,
            features: list[str] | None = None, chunk_mb: float = 64.0, dtype: str = "float64",
            on_invalid: str = "error", replace: bool = False, compressor: str = "lz4",
-           scheduler: str | None = None, workers: int | None = None, announce: bool = False) -> IngestResult:
+           scheduler: str | None = None, workers: int | None = None, announce: bool = False,
+           on_piece: OnPiece | None = None) -> IngestResult:
     """Ingest ``sources`` into ``dataset``: create it, append new files, or do nothing if all are known.
 
     Without ``client``, a cluster (``scheduler``, else a LocalCluster of ``workers``) is connected only once
     the inputs are checked and there is something to parse: bad input fails at once, a no-op stays cheap.
+    ``on_piece`` hears of every parsed piece (a progress display); a no-op never calls it.
     """
     t0 = time.perf_counter()
     if on_invalid not in ("error", "drop"):
@@ -103,7 +109,7 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client 
         staged = atomic.staging_path(path)
         try:
             with _connected(client, scheduler, workers, announce) as c:
-                info, dropped = _build(staged, path, base, new_files, schema, c, chunk_mb, compressor)
+                info, dropped = _build(staged, path, base, new_files, schema, c, chunk_mb, compressor, on_piece)
             atomic.commit(staged, path)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -212,7 +218,8 @@ def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, fe
 
 
 def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path], schema: Schema,
-           client: Client, chunk_mb: float, compressor: str) -> tuple[DatasetInfo, int]:
+           client: Client, chunk_mb: float, compressor: str,
+           on_piece: OnPiece | None = None) -> tuple[DatasetInfo, int]:
     """Write all new rows into ``staged`` and its final attrs; returns the new info and rows dropped."""
     plans = [plan_pieces(f, read_columns(f)) for f in files]
     pieces = [p for ps, _ in plans for p in ps]
@@ -232,8 +239,14 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache. The
     # identity is taken first: a file modified during ingest then looks changed and is re-hashed next time.
     identities = {str(f): file_identity(f) for f in files}
-    hashes = {str(f): client.submit(file_sha256, str(f), pure=False, priority=-(10**9)) for f in files}
-    metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows)
+    # Task keys name the work on the dashboard (gradpipe-ingest-<dataset>…); the per-call token keeps them
+    # unique on a shared cluster, where a key another ingest still holds would hand back that one's data.
+    tag = f"{live.name.removesuffix('.zarr')}-{uuid.uuid4().hex[:12]}"
+    hashes = {str(f): client.submit(file_sha256, str(f), pure=False, priority=-(10**9),
+                                    key=f"gradpipe-ingest-hash-{tag}-{i}") for i, f in enumerate(files)}
+    sizes = [_piece_bytes(ps, identities[str(f)]["size"]) for f, (ps, _) in zip(files, plans, strict=True)]
+    metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows, tag,
+                    [b for bs in sizes for b in bs], on_piece)
     n_total = n_old + sum(m.n_rows for m in metas)
     if n_total == 0:
         raise GradpipeError("no data rows: every source is empty or every row was dropped as invalid.")
@@ -256,8 +269,19 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     return info, sum(m.n_dropped for m in metas)
 
 
-def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_old: int,
-            chunk_rows: int) -> list:
+def _piece_bytes(pieces: list[Piece], size: int) -> list[int]:
+    """Each piece's share of its file's ``size`` bytes, for progress: its CSV byte range (the first piece's
+    share holds the header), else its rows or row groups pro rata. The shares add up to the file's size."""
+    weights = [p.stop - (0 if p.fmt == "csv" and i == 0 else p.start) for i, p in enumerate(pieces)]
+    whole, cum, out = max(1, sum(weights)), 0, []
+    for w in weights:
+        out.append(size * (cum + w) // whole - size * cum // whole)
+        cum += w
+    return out
+
+
+def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_old: int, chunk_rows: int,
+            tag: str, piece_bytes: list[int], on_piece: OnPiece | None = None) -> list:
     """Parse pieces with a bounded window and write each complete chunk as soon as its rows are known."""
     window = 2 * max(1, sum(client.nthreads().values())) + 2
     parsed: dict[int, object] = {}
@@ -271,14 +295,16 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
     if n_old % chunk_rows:
         pending.append((None, chunk * chunk_rows, n_old))  # the partial last chunk is rewritten, filled up
     pending_rows = n_old % chunk_rows
-    submitted = consumed = 0
+    submitted = consumed = done = bytes_done = 0
+    bytes_total = sum(piece_bytes)
 
     def submit_more() -> None:
         nonlocal submitted
         while submitted < len(pieces) and submitted < consumed + window:
-            fut = client.submit(parse_piece, pieces[submitted], schema, pure=False, priority=-submitted)
+            fut = client.submit(parse_piece, pieces[submitted], schema, pure=False, priority=-submitted,
+                                key=f"gradpipe-ingest-{tag}-{submitted}")
             parsed[submitted] = fut
-            mf = client.submit(piece_meta, fut, pure=False)
+            mf = client.submit(piece_meta, fut, pure=False, key=f"gradpipe-ingest-meta-{tag}-{submitted}")
             meta_index[mf.key] = submitted
             ac.add(mf)
             submitted += 1
@@ -295,14 +321,19 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
                 pending.pop(0)
             else:
                 pending[0] = (src, lo + k, hi)
-        writes.append(client.submit(_write_segments, store, chunk, chunk_rows, take, pure=False))
+        writes.append(client.submit(_write_segments, store, chunk, chunk_rows, take, pure=False,
+                                    key=f"gradpipe-ingest-write-{tag}-{chunk}"))
         chunk += 1
         pending_rows -= n
 
     try:
         submit_more()
         for mf in ac:
-            metas[meta_index.pop(mf.key)] = mf.result()  # raises the worker's GradpipeError, if any
+            index = meta_index.pop(mf.key)
+            metas[index] = mf.result()  # raises the worker's GradpipeError, if any
+            if on_piece is not None:
+                done, bytes_done = done + 1, bytes_done + piece_bytes[index]
+                on_piece(done, len(pieces), bytes_done, bytes_total)
             while consumed in metas and consumed < len(pieces):
                 pending.append((parsed.pop(consumed), 0, metas[consumed].n_rows))
                 pending_rows += metas[consumed].n_rows
