@@ -22,7 +22,7 @@ from pipeline.evaluate import evaluate, load_model
 from pipeline.ingest import ingest
 from pipeline.problem import to_original
 from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published, run_converged
-from pipeline.report import loss_curve_png, markdown
+from pipeline.report import loss_curve_data_uri, markdown, write_loss_curve
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
 from pipeline.store.runs import RunStore
@@ -131,12 +131,17 @@ def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: 
 @task(cache_policy=NO_CACHE)
 def report_task(settings: dict[str, Any], run_uri: str, metrics: dict[str, float],
                 decision: dict[str, Any] | None) -> str:
-    """A markdown artifact (metrics, sampled loss table) and a loss-curve PNG inside the run store."""
+    """A markdown artifact (metrics, sampled loss table, loss curve); the PNG is also kept in the run store.
+
+    The curve is inlined as a ``data:image/png;base64`` URI, so the Prefect UI shows the picture wherever
+    it runs (a local path means nothing to a browser on another machine); it is a few tens of KB.
+    """
     s = Settings.from_dict(settings)
     store = RunStore.open(run_uri)
     run_id = Path(run_uri).name.removesuffix(".zarr")
-    png = loss_curve_png(store, Path(run_uri) / "loss_curve.png")
-    text = markdown(store, run_id, metrics, decision) + f"\n\nLoss curve: `{png}`\n"
+    png = write_loss_curve(run_uri)
+    text = (markdown(store, run_id, metrics, decision)
+            + f"\n\n## Loss curve\n\n![loss curve]({loss_curve_data_uri(png)})\n\n(also saved as `{png}`)\n")
     create_markdown_artifact(key=f"gradpipe-{_slug(s.name)}", markdown=text, description=f"run {run_id}")
     return str(png)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import os
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from pipeline.inference import table
 from pipeline.store.runs import RunStore
@@ -36,23 +39,116 @@ def markdown(store: RunStore, run_id: str, metrics: dict[str, float], decision: 
     return "\n".join(lines)
 
 
-def loss_curve_png(store: RunStore, out: Path) -> Path:
-    """Plot loss (log scale) against iteration; written next to the run's arrays."""
-    import matplotlib
+REPORT_GROUP, LOSS_CURVE_FILE = "report", "loss_curve.png"
+FIGSIZE, DPI = (6.0, 4.0), 90  # ~540×360 px, a few tens of KB: small enough to inline in a Prefect artifact
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    loss = store.column("loss")
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(np.arange(len(loss)), loss, lw=1.5)
-    if np.all(loss > 0):
+def _positive(values: np.ndarray) -> np.ndarray:
+    """``values`` with every point a log axis cannot show (≤ 0, NaN, ±inf) replaced by NaN (a gap)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+
+def loss_curve_series(store: RunStore) -> dict[str, np.ndarray | float | int]:
+    """What the loss curve plots, per committed iteration t = 0 … T−1.
+
+    ``gap`` is L_t − L_best with L_best = min_t L_t over the run (ignoring NaN). It is what shows a run
+    that looks "flat" on a plain loss plot but is still orders of magnitude from the best value it reached.
+    On a log axis the exact-best point (gap 0, and any later tie) cannot be drawn; rather than add an
+    arbitrary ``tiny`` that would invent a floor (and flatten the tail's real slope), those points are
+    dropped (NaN, a gap in the line) and the best iteration is marked with a vertical line instead.
+    L_best is the run's own best, not the true optimum: the gap always dives at the best iteration (the
+    last, for a descent method), so read the tail's level, and ‖∇L‖ below, for how far the run still is.
+    Non-finite losses (a diverged run) are dropped the same way. ``grad_norm`` is ‖∇L(θ_t)‖ from the store,
+    with zeros and non-finite values likewise dropped. ``L_best`` is NaN and ``best`` −1 when no loss is finite.
+    """
+    loss = np.asarray(store.column("loss"), dtype=np.float64)
+    gnorm = np.asarray(store.column("grad_norm"), dtype=np.float64)
+    finite = np.isfinite(loss)
+    best = int(np.argmin(np.where(finite, loss, np.inf))) if finite.any() else -1
+    l_best = float(loss[best]) if best >= 0 else float("nan")
+    return {"iteration": np.arange(len(loss)), "gap": _positive(loss - l_best), "grad_norm": _positive(gnorm),
+            "L_best": l_best, "best": best}
+
+
+def loss_curve_title(store: RunStore) -> str:
+    return f"{store.run_id} — {store.model}/{store.solver} — {store.status}"
+
+
+def loss_curve_figure(store: RunStore):
+    """The loss-curve figure: L_t − L_best (log) above ‖∇L_t‖ (log), sharing an integer iteration axis.
+
+    A plain ``matplotlib.figure.Figure`` on an Agg canvas, never registered with pyplot: nothing global
+    to leak or close, safe in worker threads, and no display needed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, MaxNLocator
+
+    s = loss_curve_series(store)
+    t, n = s["iteration"], len(s["iteration"])
+    style = {"lw": 1.5, "marker": "o" if n <= 60 else None, "ms": 3}
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)  # fixed margins: a layout engine triples the cost
+    fig.subplots_adjust(left=0.14, right=0.97, top=0.89, bottom=0.12, hspace=0.25)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(t, s["gap"], color="C0", gid="gap", **style)
+    bottom.plot(t, s["grad_norm"], color="C1", gid="grad_norm", **style)
+    for ax, values, label in ((top, s["gap"], "L − L_best"), (bottom, s["grad_norm"], "‖∇L‖")):
         ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{store.model} / {store.solver}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+        ax.set_ylabel(label)
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # every minor tick costs: 2 and 5 suffice
+        ax.grid(alpha=0.3)
+        if not np.isfinite(values).any():  # nothing a log axis can show: say so instead of an empty box
+            ax.set_ylim(1e-1, 1e1)
+            ax.text(0.5, 0.5, "no positive values to plot", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
+    if s["best"] >= 0:
+        top.axvline(s["best"], color="0.5", ls=":", lw=1, gid="best")
+        top.text(0.99, 0.95, f"L_best = {s['L_best']:.10g} at iteration {s['best']} (dotted)", fontsize=8,
+                 transform=top.transAxes, ha="right", va="top", color="0.3")
+    bottom.set_xlabel("iteration")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if n <= 2:  # one or two rows (the exact solver): a readable 0 … 1 axis, not autoscale's −0.05 … 1.05
+        bottom.set_xlim(-0.5, 1.5)
+    fig.suptitle(loss_curve_title(store), fontsize=10, y=0.975)
+    return fig
+
+
+def loss_curve_png(store: RunStore, out: Path) -> Path:
+    """Write the loss-curve figure as a PNG at ``out`` (atomically: a temporary file renamed over it)."""
+    out = Path(out)
+    fig = loss_curve_figure(store)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def loss_curve_path(store_path: str | Path) -> Path:
+    """Where a run's loss curve lives: ``<store>/report/loss_curve.png``."""
+    return Path(store_path) / REPORT_GROUP / LOSS_CURVE_FILE
+
+
+def write_loss_curve(store_path: str | Path) -> Path:
+    """Write the run's loss curve inside its store, at ``loss_curve_path`` (what ``gradpipe train`` calls).
+
+    Not at the store's top level: Zarr lists a group's directory to find its members, and a stray file
+    there makes every listing (``RunStore.open`` checks every array) warn "Object at loss_curve.png is not
+    recognized as a component of a Zarr hierarchy" — an error under ``-W error``. ``report/`` is a small
+    Zarr group of its own (its ``zarr.json`` says ``kind: report``), so the store's listing sees a group,
+    not a stray file, and the arrays are untouched. Rewriting it after a resume replaces the old picture."""
+    store_path = Path(store_path)
+    store = RunStore.open(store_path)
+    out = loss_curve_path(store_path)
+    if not (out.parent / "zarr.json").is_file():
+        zarr.open_group(str(out.parent), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+    return loss_curve_png(store, out)
+
+
+def loss_curve_data_uri(png_path: str | Path) -> str:
+    """The PNG as a ``data:image/png;base64,…`` URI: a markdown ``![](…)`` the Prefect UI renders inline."""
+    return "data:image/png;base64," + base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
