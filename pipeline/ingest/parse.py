@@ -60,6 +60,14 @@ def file_sha256(path: str) -> str:
 
 
 def parse_piece(piece: Piece, schema: Schema) -> Parsed:
+    """Parse and check one piece. NaN and ±inf (also from a cast to float32 that overflows) are found
+    below and reported as one message naming the row, so numpy's own RuntimeWarnings about them are
+    silenced: they would print before that message, on the worker's stderr, and say less."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _parse_piece(piece, schema)
+
+
+def _parse_piece(piece: Piece, schema: Schema) -> Parsed:
     reader = {"csv": _read_csv, "parquet": _read_parquet, "npy": _read_npy}[piece.fmt]
     XT, y, first_row = reader(piece, schema)
     stats = FeatureStats.of_columns(XT)
@@ -206,15 +214,23 @@ def _raise_invalid(piece: Piece, schema: Schema, XT, y, valid, first_row: int) -
     row = np.append(XT[:, bad], y[bad])
     j = int(np.flatnonzero(~np.isfinite(row))[0])
     column = [*schema.features, schema.target][j]
-    value = "" if piece.fmt == "parquet" and _parquet_is_null(piece, column, bad) else str(row[j])
-    raise GradpipeError(_cell_message(piece.path, f"row {first_row + bad} (0-based)", column, value,
-                                      schema.dtype))
+    value = _source_value(piece, column, bad)
+    raise GradpipeError(_cell_message(piece.path, f"row {first_row + bad} (0-based)", column,
+                                      str(row[j]) if value is None else value, schema.dtype))
 
 
-def _parquet_is_null(piece: Piece, column: str, row: int) -> bool:
-    import pyarrow.parquet as pq
+def _source_value(piece: Piece, column: str, row: int) -> str | None:
+    """The cell as the file holds it ("" for a Parquet null): a value that overflowed the cast to float32
+    is named as written (1e+300, "does not fit float32"), not as the inf it became. Error path only."""
+    if piece.fmt == "parquet":
+        import pyarrow.parquet as pq
 
-    return not pq.ParquetFile(piece.path).read_row_group(piece.start, columns=[column]).column(0)[row].is_valid
+        v = pq.ParquetFile(piece.path).read_row_group(piece.start, columns=[column]).column(0)[row].as_py()
+        return "" if v is None else str(v)
+    if piece.fmt == "npy":
+        arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+        return str(arr[piece.start + row, piece.columns.index(column)])
+    return None
 
 
 def _read_parquet(piece: Piece, schema: Schema) -> Table:
@@ -231,6 +247,8 @@ def _read_parquet(piece: Piece, schema: Schema) -> Table:
     columns = {}
     for name in used:
         col = table.column(name)
+        if pa.types.is_integer(col.type):
+            _check_exact_integers(piece.path, name, col, first_row)
         try:
             columns[name] = col.cast(pa.float64())  # safe: strings that are numbers convert, others fail
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -247,10 +265,47 @@ def _parquet_bad_cell(piece: Piece, name: str, col, first_row: int) -> str:
             f"or leave it out with --features.")
 
 
+# float64 holds every integer up to 2**53 exactly; a larger one would be stored rounded (2**53 + 1 reads back
+# as 2**53), a silent change of the data, so it is refused naming the row and the value.
+MAX_EXACT_INT = 2**53
+
+
+def _inexact_message(path: str, row: int, column: str, value: int) -> str:
+    return (f"{path}: row {row} (0-based), column {column!r} holds the integer {value}, beyond ±2**53 "
+            f"({MAX_EXACT_INT}): float64 cannot store it exactly (it would become {float(value):.17g}). "
+            f"Convert the column to float yourself if rounding is acceptable, or leave it out with --features.")
+
+
+def _check_exact_integers(path: str, name: str, col, first_row: int) -> None:
+    """Refuse an integer Parquet column holding a value float64 would round (Arrow's safe cast refuses it
+    too, but its message names neither row nor value)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if col.type.bit_width < 54:
+        return
+    big = pc.greater(col, pa.scalar(MAX_EXACT_INT, col.type)) if not pa.types.is_signed_integer(col.type) else \
+        pc.or_(pc.greater(col, pa.scalar(MAX_EXACT_INT, col.type)), pc.less(col, pa.scalar(-MAX_EXACT_INT, col.type)))
+    i = pc.index(pc.fill_null(big, False), True).as_py()
+    if i >= 0:
+        raise GradpipeError(_inexact_message(path, first_row + i, name, col[i].as_py()))
+
+
 def _read_npy(piece: Piece, schema: Schema) -> Table:
-    arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+    try:
+        arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:  # truncated or replaced since it was planned
+        raise GradpipeError(f"{piece.path}: cannot be read as .npy ({exc}); copy or save it again.") from None
     index = {c: i for i, c in enumerate(piece.columns)}
     block = arr[piece.start:piece.stop]
+    if block.dtype.kind in "iu" and block.dtype.itemsize >= 8 and len(block):
+        used = [index[c] for c in [*schema.features, schema.target]]
+        sub = block[:, used]
+        big = (sub > MAX_EXACT_INT) | (sub < -MAX_EXACT_INT) if block.dtype.kind == "i" else sub > MAX_EXACT_INT
+        if big.any():
+            r, j = (int(v[0]) for v in np.nonzero(big))
+            column = [*schema.features, schema.target][j]
+            raise GradpipeError(_inexact_message(piece.path, piece.start + r, column, int(sub[r, j])))
     XT = np.ascontiguousarray(block[:, [index[c] for c in schema.features]].T, dtype=schema.dtype)
     y = np.ascontiguousarray(block[:, index[schema.target]], dtype=schema.dtype)
     return XT, y, piece.start

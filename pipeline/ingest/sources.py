@@ -123,9 +123,24 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
             shape, _, dtype = read(fh)  # the header only: no data read, nothing unpickled
+            offset = fh.tell()
     except Exception as exc:  # noqa: BLE001
         raise GradpipeError(f"{path}: not a valid .npy file ({exc}).") from None
+    _check_npy_size(path, shape, dtype, offset)
     return shape, dtype
+
+
+def _check_npy_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+    """A truncated .npy (an interrupted copy or download) fails here on the driver, naming what is missing,
+    instead of as an mmap error inside a worker."""
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        complete = max(0, size - offset) // row_bytes if row_bytes else 0
+        raise GradpipeError(f"{path}: truncated .npy file: its header says shape {shape} of {dtype} "
+                            f"({expected:,} bytes), the file holds {size:,} bytes (only {complete:,} complete "
+                            f"rows). Copy or save the file again.")
 
 
 def plan_pieces(path: Path, columns: list[str]) -> tuple[list[Piece], int]:
