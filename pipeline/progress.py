@@ -9,20 +9,15 @@ the first update, so a command with nothing to do (a no-op ingest, a refused run
 from __future__ import annotations
 
 import sys
+import time
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from rich.filesize import decimal
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
+from rich.text import Text
 
 
 def wanted(quiet: bool = False) -> bool:
@@ -83,6 +78,20 @@ class TrainProgress(_Live):
                      lr=float(rec["lr"]), elapsed=float(rec["elapsed"]))
 
 
+class _SinceStart(ProgressColumn):
+    """Read rate and elapsed time since the command began, not since the line first showed (the first piece):
+    with one sample rich's own speed is unknown and its clock would start at zero."""
+
+    def __init__(self, t0: float) -> None:
+        super().__init__()
+        self.t0 = t0
+
+    def render(self, task: Task) -> Text:
+        seconds = max(time.monotonic() - self.t0, 1e-9)
+        rate = task.speed or task.completed / seconds
+        return Text(f"{decimal(int(rate))}/s  {timedelta(seconds=int(seconds))}", style="progress.elapsed")
+
+
 class IngestProgress(_Live):
     """``on_piece`` callback of ingest(): pieces parsed of all, bytes read of all, the read rate, elapsed.
 
@@ -90,9 +99,13 @@ class IngestProgress(_Live):
     shutdown) is short and may log, which must not land inside a live line.
     """
 
+    def __init__(self, enabled: bool) -> None:
+        super().__init__(enabled)
+        self.t0 = time.monotonic()  # the command's start: made right where it begins, in its `with`
+
     def _columns(self) -> tuple[ProgressColumn, ...]:
         return (TextColumn("ingest {task.fields[done]}/{task.fields[pieces]} pieces"), BarColumn(bar_width=24),
-                DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+                DownloadColumn(), _SinceStart(self.t0))
 
     def __call__(self, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
         self._update(bytes_total, bytes_done, done=done, pieces=total)

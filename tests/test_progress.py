@@ -78,6 +78,7 @@ def test_ingest_in_a_terminal_shows_pieces_and_not_on_a_pipe(tmp_path, scheduler
     args = ["ingest", *sources, "--target", "y", "--scheduler", scheduler]
     out = in_terminal([*gradpipe(), *args, "--dataset", str(tmp_path / "tty.zarr")], tmp_path)
     assert ("3", "3") in PIECES_LINE.findall(out), out[-3000:]
+    assert re.search(r"pieces .*B/s", out), out[-3000:]  # bytes read and the rate
     assert "ingested 3 file(s)" in out
     assert main([*args, "--dataset", str(tmp_path / "pipe.zarr")]) == 0  # in-process, stderr is a pipe
     piped = capfd.readouterr()
