@@ -7,6 +7,7 @@ renamed into place, so a crash never leaves a half-written file where a finished
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import GradpipeError
 from pipeline.evaluate import load_model
 from pipeline.families import get_family
+from pipeline.store.runs import RunStore
 
 BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES = 4 << 20
@@ -135,6 +137,7 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     Any ``prediction``/``label`` columns already in the input are replaced. Label 1 iff z > 0 (p > 0.5),
     the rule training's accuracy uses.
     """
+    RunStore.open(run).require_model()  # a missing or non-finite coefficient would predict NaN
     model = load_model(run)
     src, dst = Path(input), Path(out)
     kind_in, kind_out = file_kind(src), file_kind(dst)
@@ -151,18 +154,21 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     keep = [f for f in schema if f.name not in OUTPUT_COLUMNS]
     added = [pa.field("prediction", pa.float64())] + ([pa.field("label", pa.int64())] if family.classifier else [])
     out_schema = pa.schema(keep + added)  # no input metadata: it would describe other columns
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     rows = 0
     try:
-        if kind_out == "csv":
-            # Arrow quotes every header name by default; write it plain like the input, quoting only a name
-            # that needs it (a comma, quote or newline in it).
-            plain = not any(set(n) & set(',"\r\n') for n in out_schema.names)
-            opts = pacsv.WriteOptions(quoting_header="none" if plain else "needed")
-            writer: Any = pacsv.CSVWriter(str(tmp), out_schema, write_options=opts)
-        else:
-            writer = pq.ParquetWriter(str(tmp), out_schema)
+        try:  # an unwritable --out is the user's to fix: named, no traceback, no temporary file left
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if kind_out == "csv":
+                # Arrow quotes every header name by default; write it plain like the input, quoting only a
+                # name that needs it (a comma, quote or newline in it).
+                plain = not any(set(n) & set(',"\r\n') for n in out_schema.names)
+                opts = pacsv.WriteOptions(quoting_header="none" if plain else "needed")
+                writer: Any = pacsv.CSVWriter(str(tmp), out_schema, write_options=opts)
+            else:
+                writer = pq.ParquetWriter(str(tmp), out_schema)
+        except (OSError, pa.ArrowException) as exc:
+            raise GradpipeError(f"cannot write {dst}: {getattr(exc, 'strerror', None) or exc}.") from None
         with writer:
             for batch in batches:
                 X = np.column_stack([_as_float(batch.column(f), f, src, rows) for f in features]) if features \
@@ -173,7 +179,11 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
                     cols.append(pa.array((z > 0).astype(np.int64)))
                 writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=out_schema))
                 rows += batch.num_rows
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except OSError as exc:  # --out names a directory
+            raise GradpipeError(f"cannot write {dst}: {exc.strerror or exc}.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return {"run_id": model["run_id"], "model": model["model"], "input": str(src), "out": str(dst), "rows": rows}

@@ -192,7 +192,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                     raise
                 return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
         with run_lock(begin.path):  # held for the whole resume: a second --resume of this run is refused
-            t = store.committed
+            t = _rewind_to_intact(store)
             state = {k.removeprefix("state/"): store.row(k, t) for k in store.array_names() if k.startswith("state/")}
             row = Row(store.row("theta", t), float(store.row("loss", t)), store.row("grad", t),
                       float(store.row("lr", t)), state)
@@ -299,7 +299,29 @@ def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[Ru
         raise GradpipeError(f"run {run_id} has no committed iteration to resume from (it was stopped before its "
                             f"row 0); start it again: gradpipe train --dataset {meta.uri} --run-id {run_id} "
                             f"--runs-dir {runs_dir}")
+    _intact_row(store)
     return store, ds
+
+
+def _intact_row(store: RunStore) -> tuple[int, str | None]:
+    """The last committed row whose data verifies and what damaged the later ones; none is refused: a
+    resume from a damaged row (a flipped bit, a deleted chunk read as NaN) silently continues another run."""
+    row, why = store.last_intact_row()
+    if row < 0:
+        raise GradpipeError(f"run {store.run_id} cannot be resumed: no committed row is intact ({why}); start "
+                            f"a new run with `gradpipe train --dataset {store.dataset.uri}`.")
+    return row, why
+
+
+def _rewind_to_intact(store: RunStore) -> int:
+    """The row a resume restores: the committed one, or the last intact one (the store rewound to it, so
+    that the resumed history is rewritten from there, with the solver state logged for that row)."""
+    row, why = _intact_row(store)
+    if row < store.committed:
+        msg = f"run {store.run_id}: rows {row + 1}..{store.committed} are damaged ({why}); resuming from row {row}"
+        log.warning("%s", msg)
+        store.rewind(row, msg)
+    return row
 
 
 def _record(row: Row, elapsed: float, passes: float, problem: Problem) -> dict[str, Any]:

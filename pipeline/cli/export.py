@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import uuid
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli._common import add_runs_dir
+from pipeline.errors import GradpipeError
 
 FORMAT = "gradpipe.model/1"
 
@@ -30,8 +32,9 @@ def model_document(path: Path) -> dict[str, Any]:
     from pipeline.evaluate import load_model
     from pipeline.store.runs import RunStore
 
-    model = load_model(path)
     store = RunStore.open(path)
+    store.require_model()  # a missing or non-finite coefficient is refused, never exported as NaN
+    model = load_model(path)
     meta = store.dataset
     return {
         "format": FORMAT, "model": model["model"], "solver": model["solver"], "feature_names": model["feature_names"],
@@ -43,18 +46,22 @@ def model_document(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(doc: dict[str, Any], out: Path) -> None:
-    """Temp file beside ``out``, fsync, rename: readers see the old file or the whole new one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Temp file beside ``out``, fsync, rename: readers see the old file or the whole new one. A path that
+    cannot be written is a :class:`GradpipeError` naming it, and leaves no temporary file behind."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as fh:
             json.dump(doc, fh, indent=2, allow_nan=True)  # repr-exact floats; NaN only for a NaN loss
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
+    except OSError as exc:
+        raise GradpipeError(f"cannot write {out}: {exc.strerror or exc}.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -106,6 +106,7 @@ def run_show(args: argparse.Namespace) -> int:
     cols = {name: store.column(name)[idx] if len(idx) else np.array([])
             for name in ("loss", "grad_norm", "lr", "elapsed")}
     t = store.committed
+    damage = store.damage(t) if t >= 0 else None  # a missing chunk reads as NaN: say so, do not just show it
     coef = store.row("coef", t).tolist() if t >= 0 else None
     intercept = _num(store.row("intercept", t)) if t >= 0 else None
     if args.json:
@@ -114,6 +115,7 @@ def run_show(args: argparse.Namespace) -> int:
                           "config": config, "dataset": {k: getattr(meta, k) for k in ("uri", "fingerprint", "target",
                                                                                        "n_rows", "feature_names")},
                           "coef": coef, "intercept": intercept, "warnings": store.warnings,
+                          "damage": damage and damage[0],
                           "inference": json_safe(store.inference), "history": history}))
         return 0
     print(f"run {info['run_id']}  ({path})")
@@ -124,6 +126,8 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"  dataset    {meta.uri}  ({meta.n_rows} rows, target {meta.target!r}, fingerprint {meta.fingerprint})")
     for w in store.warnings:
         print(f"  warning    {w}")
+    if damage:
+        print(f"  DAMAGED    row {t}: {damage[0]} (`gradpipe train --resume` rewinds to the last intact row)")
     loss = "-" if info["loss"] is None else f"{info['loss']:.12g}"
     print(f"  iterations {info['n_iter']}  final loss {loss}")
     if store.inference is not None and store.inference.get("available"):

@@ -12,12 +12,17 @@ Layout (a Zarr v3 group ``<runs_dir>/<run_id>.zarr``; README "Run store" says wh
 - attrs: ``gradpipe`` (kind, format), ``config``, ``solver`` (the one that ran: ``auto`` resolved),
   ``dataset`` (uri, fingerprint, feature names, mean, scale), ``started`` (epoch seconds), ``committed``
   (last complete row, written AFTER that row's data), ``resume`` (small solver state for row ``committed``:
-  step size, counters), ``status``, ``message``, ``warnings``, ``inference``, ``version``, and what the
-  pipeline adds (``metrics``, ``publish``, ``warm_start``). Read them through the typed properties below:
-  no other module knows these names.
+  step size, counters), ``resume_log`` (``[row, changes]`` about once a chunk: where a rewind lands),
+  ``status``, ``message``, ``warnings``, ``inference``, ``version``, and what the pipeline adds
+  (``metrics``, ``publish``, ``warm_start``). Read them through the typed properties below: no other module
+  knows these names.
 
-One chunk per row: an iteration's write touches only new files, then one atomic rewrite of the group's
-attrs commits it. A crash between the two leaves a row that ``committed`` does not count yet.
+Many rows per chunk (:func:`rows_per_chunk`); an iteration's write rewrites the last chunk, then one atomic
+rewrite of the group's attrs commits it. A crash between the two leaves a row that ``committed`` does not
+count yet. Every chunk carries a crc32c checksum (stores from before it have none and still open): a flipped
+bit, a truncated or deleted chunk, a garbage ``zarr.json`` is a :class:`GradpipeError` naming the array and
+chunk, never silent numbers (Zarr reads a missing chunk as the NaN fill). ``--resume`` verifies the rows it
+restores (:meth:`RunStore.last_intact_row`) and rewinds past damaged ones (:meth:`RunStore.rewind`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import GradpipeError
 
@@ -104,8 +110,35 @@ class RunStore:
     def _array(self, name: str) -> zarr.Array:
         """Array handles are cached: re-opening one re-reads its metadata, every iteration."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except Exception as exc:  # noqa: BLE001 - garbage JSON, an unknown codec, a missing zarr.json
+                raise self._unreadable(exc) from None
         return self._arrays[name]
+
+    def _unreadable(self, exc: BaseException) -> GradpipeError:
+        """A metadata failure as one line naming the ``zarr.json`` at fault (Zarr's own error names none)."""
+        for meta in sorted(self.path.rglob("zarr.json")):
+            try:
+                node = json.loads(meta.read_text())
+                if node.get("node_type") == "array":
+                    zarr.open_array(str(meta.parent), mode="r")
+            except Exception as bad:  # noqa: BLE001 - the first file that does not parse is the culprit
+                return GradpipeError(f"run {self.run_id}: {meta} is unreadable ({_why(bad)}); the run store is "
+                                     f"damaged: restore it from a backup or train the run again.")
+        return GradpipeError(f"run {self.run_id}: the metadata of {self.path} is unreadable ({_why(exc)}).")
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one array; a chunk that fails its checksum or decode names itself."""
+        arr = self._array(name)
+        try:
+            return np.asarray(arr[start:stop])
+        except Exception as exc:  # noqa: BLE001 - checksum mismatch, truncated file, bad bytes
+            c = arr.chunks[0]
+            first, last = start // c, max(start, stop - 1) // c
+            chunks = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            raise GradpipeError(f"run {self.run_id}: array {name} {chunks} (rows {start}-{stop - 1}) is "
+                                f"corrupted ({_why(exc)}).") from None
 
     @property
     def run_id(self) -> str:
@@ -125,7 +158,7 @@ class RunStore:
         arrays.update({f"state/{k}": v for k, v in state_shapes.items()})
         for name, shape in arrays.items():
             group.create_array(name, shape=(0, *shape), chunks=(rows_per_chunk(shape), *shape),
-                               dtype="float64", fill_value=np.nan, compressors=None)
+                               dtype="float64", fill_value=np.nan, compressors=[Crc32cCodec()])
         group.attrs.put({"gradpipe": {"kind": "run", "format_version": FORMAT_VERSION}, "config": config,
                          "solver": solver, "dataset": asdict(dataset), "committed": -1, "resume": {},
                          "status": "running", "message": "", "warnings": [], "version": version,
@@ -143,7 +176,13 @@ class RunStore:
             raise GradpipeError(f"{path} is not a gradpipe run store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "run":
             raise GradpipeError(f"{path} is not a gradpipe run store.")
-        return cls(group, path)
+        store = cls(group, path)
+        names = store.array_names()  # every array's metadata parses: a garbage one is named here
+        lost = [n for n in ("theta", "grad", "coef", "intercept", *SCALARS) if n not in names]
+        if lost:
+            raise GradpipeError(f"run {store.run_id}: {path / lost[0] / 'zarr.json'} is missing; the run store is "
+                                f"damaged: restore it from a backup or train the run again.")
+        return store
 
     # ---- attributes ------------------------------------------------------------------------------
     @property
@@ -225,7 +264,29 @@ class RunStore:
             if arr.shape[0] < stop:
                 arr.resize((max(stop, 2 * arr.shape[0], 64), *arr.shape[1:]))  # grow geometrically
             arr[start:stop] = np.stack([np.asarray(r[name], dtype=np.float64) for r in rows])
-        self._update_attrs(committed=stop - 1, resume=resume)
+        log, c = {}, min(self._array(name).chunks[0] for name in rows[0])
+        if start == 0 or stop % c == 0 or (stop - 1) // c > (start - 1) // c:  # a chunk's last row, or its first
+            log = {"resume_log": self._log_resume(stop - 1, resume)}
+        self._update_attrs(committed=stop - 1, resume=resume, **log)
+
+    def _log_resume(self, row: int, resume: dict[str, Any]) -> list[list[Any]]:
+        """``resume_log`` plus row ``row``'s solver state, as what changed since the previous entry.
+
+        Kept once a chunk (the background writer batches rows, so at the batch's last row after a chunk
+        starts, or at a chunk's last row): where :meth:`rewind` lands when a later chunk is damaged, so
+        a rewound run continues with the solver state of its row, not the committed row's (an L-BFGS pair
+        count or an Adam step counter from later rows would send it elsewhere). Deltas keep it small: the
+        preconditioner is stored once."""
+        log = list(self._attrs.get("resume_log", []))
+        return [*log, [row, _delta(self._logged_state(log, row), resume)]]
+
+    @staticmethod
+    def _logged_state(log: list[list[Any]], row: int) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for r, delta in log:
+            if r <= row:
+                state = _merge(state, delta)
+        return state
 
     def finalize(self) -> None:
         """Trim arrays to the committed rows so plain Zarr readers see exact shapes."""
@@ -238,25 +299,41 @@ class RunStore:
     def write_static(self, name: str, value: np.ndarray) -> None:
         """An array written once, before the first row is committed (a solver's fixed preconditioner)."""
         value = np.asarray(value, dtype=np.float64)
-        arr = self.group.create_array(f"static/{name}", shape=value.shape, dtype="float64", compressors=None)
+        arr = self.group.create_array(f"static/{name}", shape=value.shape, dtype="float64",
+                                      compressors=[Crc32cCodec()])
         arr[...] = value
 
     def statics(self) -> dict[str, np.ndarray]:
         if "static" not in self.group:
             return {}
-        return {n: np.asarray(a[...]) for n, a in self.group["static"].arrays()}
+        try:
+            arrays = dict(self.group["static"].arrays())
+        except Exception as exc:  # noqa: BLE001 - as for the per-row arrays
+            raise self._unreadable(exc) from None
+        out = {}
+        for n, a in arrays.items():
+            try:
+                out[n] = np.asarray(a[...])
+            except Exception as exc:  # noqa: BLE001
+                raise GradpipeError(f"run {self.run_id}: array static/{n} is corrupted ({_why(exc)}).") from None
+        return out
 
     def array_names(self) -> list[str]:
-        names = [n for n, _ in self.group.arrays()]
-        if "state" in self.group:
-            names += [f"state/{n}" for n, _ in self.group["state"].arrays()]
+        try:
+            names = [n for n, _ in self.group.arrays()]
+            if "state" in self.group:
+                names += [f"state/{n}" for n, _ in self.group["state"].arrays()]
+        except Exception as exc:  # noqa: BLE001 - one member's metadata does not parse
+            raise self._unreadable(exc) from None
         return names
 
     def column(self, name: str) -> np.ndarray:
-        return self._array(name)[: self.committed + 1]
+        return self._read(name, 0, self.committed + 1)
 
     def row(self, name: str, t: int) -> np.ndarray:
-        return np.asarray(self._array(name)[t])
+        if t < 0:
+            t += self._array(name).shape[0]
+        return self._read(name, t, t + 1)[0]
 
     def history(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in self.array_names()}
@@ -264,3 +341,98 @@ class RunStore:
     def annotate(self, **values: Any) -> None:
         """Record extra facts about the run (warm start source, publish decision) in its attrs."""
         self._update_attrs(**values)
+
+    # ---- integrity -------------------------------------------------------------------------------
+    def damage(self, t: int, names: tuple[str, ...] | None = None) -> tuple[str, int] | None:
+        """Why row ``t`` cannot be trusted, and the latest earlier row that might be; None if it is intact.
+
+        Intact: every array's chunk holding row ``t`` exists (Zarr reads a missing one as the NaN fill),
+        decodes with a valid checksum, and its row ``t`` is finite (a deleted chunk of an old store without
+        checksums reads as NaN; no committed row holds NaN otherwise: a diverging step is never written).
+        """
+        for name in names or self.array_names():
+            arr = self._array(name)
+            c = arr.chunks[0]
+            k, lo = t // c, (t // c) * c
+            key = arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1)))
+            if not (self.path / name / key).is_file():
+                return f"{name} chunk {k}: its file {name}/{key} is missing", lo - 1
+            try:
+                values = np.asarray(arr[lo:t + 1])
+            except Exception as exc:  # noqa: BLE001 - checksum mismatch, truncated file, bad bytes
+                return f"{name} chunk {k}: {_why(exc)}", lo - 1
+            finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            if not finite[-1]:
+                good = np.flatnonzero(finite)
+                return f"{name} row {t}: non-finite values", lo + int(good[-1]) if good.size else lo - 1
+        return None
+
+    def last_intact_row(self) -> tuple[int, str | None]:
+        """The latest committed row whose data verifies (-1: none), and what damaged the committed row."""
+        t, first = self.committed, None
+        logged = {int(r) for r, _ in self._attrs.get("resume_log", [])}  # none: a store from before the log
+        while t >= 0:
+            if t != self.committed and logged and t not in logged:  # no solver state for row t: go back
+                t = max((r for r in logged if r < t), default=-1)
+                continue
+            bad = self.damage(t)
+            if bad is None:
+                break
+            first = first or bad[0]
+            t = bad[1]
+        return t, first
+
+    def rewind(self, row: int, why: str) -> None:
+        """Forget rows after ``row`` (damaged ones): their chunk files go, then ``committed`` moves back.
+
+        Zarr rewrites a partial chunk by reading it first, so a damaged chunk past ``row`` would fail the
+        next append; a chunk that also holds ``row`` verified, so it stays. Deleting before the commit keeps
+        a crash in between safe: the next resume finds the chunks missing and rewinds again.
+        """
+        for name in self.array_names():
+            arr = self._array(name)
+            c = arr.chunks[0]
+            for k in range(row // c + 1, -(-arr.shape[0] // c)):
+                (self.path / name / arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1)))).unlink(
+                    missing_ok=True)
+            arr.resize((row + 1, *arr.shape[1:]))
+        log = [e for e in self._attrs.get("resume_log", []) if e[0] <= row]
+        resume = self._logged_state(log, row) if any(e[0] == row for e in log) else self.resume_state
+        self._update_attrs(committed=row, resume=resume, resume_log=log, warnings=[*self.warnings, why])
+
+    def require_model(self) -> int:
+        """The committed row, refused if its model (``coef``, ``intercept``) is missing, corrupt or not finite:
+        an export or a prediction must never carry NaN coefficients."""
+        t = self.committed
+        if t < 0:
+            raise GradpipeError(f"run {self.path} has no committed iteration yet; there is no model to use.")
+        bad = self.damage(t, ("coef", "intercept"))
+        if bad is not None:
+            raise GradpipeError(f"run {self.run_id}: the model at row {t} is damaged ({bad[0]}); refusing to use "
+                                f"it. `gradpipe train --resume {self.run_id}` rewinds to the last intact row.")
+        return t
+
+
+def _delta(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """What ``new`` changes in ``old`` (nested dicts compared key by key)."""
+    out: dict[str, Any] = {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            if d := _delta(old[k], v):
+                out[k] = d
+        elif k not in old or old[k] != v:
+            out[k] = v
+    return out
+
+
+def _merge(old: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``delta`` applied: the inverse of :func:`_delta`."""
+    out = dict(old)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
