@@ -284,3 +284,36 @@ def test_a_long_run_is_a_few_files_and_resumes_bitwise(dataset, tmp_path):
     a, b = (RunStore.open(tmp_path / f"{r}.zarr").history() for r in ("long", "split"))
     for name in ("theta", "grad", "loss", "lr", "passes"):
         assert np.array_equal(a[name], b[name]), name  # bitwise
+
+
+def test_ctrl_c_in_a_terminal_stops_ingest_and_leaves_the_dataset_as_it_was(tmp_path, client):
+    """An append cut short by the terminal's Ctrl-C: exit 130 within seconds, the dataset byte for byte as
+    before, no staging left, and the same ingest run again appends the file."""
+    from pipeline.store.dataset import read_info
+    from tests.conftest import tree_hashes
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    X, y = make_xy(2000, 4, seed=1)
+    write_csv(raw / "a.csv", X, y)
+    ds = tmp_path / "ds.zarr"
+    ingest([str(raw / "a.csv")], ds, "y", client)
+    before = tree_hashes(ds)
+    X2, y2 = make_xy(300_000, 4, seed=2)  # ~30 MB of CSV: seconds of parsing on 2 cores
+    write_csv(raw / "b.csv", X2, y2)
+    argv = [*gradpipe(), "ingest", str(raw), "--dataset", str(ds), "--target", "y", "--workers", "2",
+            "--chunk-mb", "1"]
+    term = Terminal(argv, cwd=tmp_path)
+    try:
+        wait_until(lambda: term.running() and any(tmp_path.glob(".ds.zarr.staging-*")), 120, "the append started")
+        term.interrupt()
+        rc, out = term.finish(30)
+    finally:
+        term.close()
+    assert rc == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert tree_hashes(ds) == before
+    assert not list(tmp_path.glob(".ds.zarr.staging-*"))
+    assert main(["ingest", str(raw), "--dataset", str(ds), "--target", "y", "--scheduler", client.scheduler.address,
+                 "--json"]) == 0
+    assert read_info(ds).n_rows == 302_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,9 @@ def test_train_json_output(linear_data, tmp_path, scheduler, capsys):
     assert out["feature_names"] == [f"x{i}" for i in range(D)] and out["status"] == "converged"
     np.testing.assert_allclose(out["coef"], coef, rtol=1e-6)  # as test_linear_gd_equals_lstsq
     assert out["loss"] == pytest.approx(best, rel=1e-9)
+    # every CLI run gets its loss curve, inside its store (tests/test_report.py checks what it shows)
+    assert out["loss_curve"] == str(Path(out["run_uri"]) / "report" / "loss_curve.png")
+    assert Path(out["loss_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class _nothing:

@@ -76,6 +76,18 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _loss_curve(run_uri: str) -> str | None:
+    """Every run gets its loss curve in its store. A picture that cannot be drawn (a full disk) is a warning:
+    the training it shows is committed already."""
+    from pipeline.report import write_loss_curve
+
+    try:
+        return str(write_loss_curve(run_uri))
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: the loss curve of {run_uri} was not written: {exc}", file=sys.stderr)
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
@@ -104,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = train(args.dataset, config, client=client, runs_dir=args.runs_dir, run_id=args.run_id,
                            on_iteration=progress)
+    curve = _loss_curve(result.run_uri)
     if args.json:
         from pipeline.cli._common import json_safe
 
-        print(json.dumps(json_safe(result.to_json())))
+        print(json.dumps(json_safe({**result.to_json(), "loss_curve": curve})))
     else:
         from pipeline.inference import table
 
@@ -126,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
             if result.inference:
                 print(f"  ({result.inference['reason']})")
         print(f"  run store: {result.run_uri}")
+        if curve:
+            print(f"  loss curve: {curve}")
     if result.status == "stopped":
         print(f"resume with: gradpipe train --resume {result.run_id} --runs-dir {args.runs_dir}", file=sys.stderr)
         return 128 + (signal.SIGTERM if "SIGTERM" in result.message else signal.SIGINT)
