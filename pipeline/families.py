@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.stats import TargetStats
 
 AUC_BINS = 8192
 AUC_ZMAX = 32.0
@@ -51,6 +54,10 @@ class Family(ABC):
     information = "hessian"  # inference from the weighted Gram ("hessian") or the R factor ("qr")
     stat_name = "z"  # t when the dispersion is estimated
     buffers: tuple[str, ...] = ()  # dtypes of the scratch vectors :meth:`residual` needs
+    # A lower bound of the y domain that min(y) decides, for :meth:`y_in_domain`: e.g. Poisson sets
+    # ``y_lower = 0.0`` (y ≥ 0), Gamma ``y_lower = 0.0, y_lower_strict = True`` (y > 0). None: no bound.
+    y_lower: float | None = None
+    y_lower_strict = False
 
     # ---- pointwise math ------------------------------------------------------------------------------
     @abstractmethod
@@ -92,6 +99,25 @@ class Family(ABC):
 
     def y_advice(self) -> str:
         return ""
+
+    def y_in_domain(self, summary: TargetStats | None) -> bool | None:
+        """Whether every target lies in the domain, decided from the summary recorded at ingest, so that
+        ``gradpipe train`` refuses a bad target before a cluster starts; None when there is no summary (a
+        dataset ingested before it existed), which leaves the decision to training's cluster-side check.
+
+        Ingest already refuses or drops non-finite targets, so the base domain (finite numbers) needs only
+        the optional lower bound ``y_lower``, which ``min`` decides; a family with a discrete domain overrides.
+        """
+        if summary is None:
+            return None
+        if summary.count == 0 or self.y_lower is None:
+            return True
+        return summary.min > self.y_lower if self.y_lower_strict else summary.min >= self.y_lower
+
+    def y_outside_count(self, summary: TargetStats | None) -> int | None:
+        """How many targets lie outside the domain, when the summary counts them (for the message); None
+        when it cannot tell (a bound that only ``min`` decides, or no summary)."""
+        return None
 
     # ---- choosing a solver -----------------------------------------------------------------------------
     def auto_solver(self, n_features: int) -> str:
@@ -251,6 +277,13 @@ class Binomial(Family):
 
     def y_advice(self):
         return " Use --model linear or recode the target."
+
+    def y_in_domain(self, summary: TargetStats | None) -> bool | None:
+        """{0, 1} is not an interval, so min/max cannot decide it: the summary counts values other than 0/1."""
+        return None if summary is None else summary.n_not_binary == 0
+
+    def y_outside_count(self, summary: TargetStats | None) -> int | None:
+        return None if summary is None else summary.n_not_binary
 
     def metric_sums(self, z, y, center):
         """Σ log-loss, Σ log-loss of the intercept-only model, #correct, and the logit histograms of the two

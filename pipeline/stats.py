@@ -1,4 +1,4 @@
-"""Mergeable per-feature statistics (count, mean, M2, min, max).
+"""Mergeable per-feature statistics (count, mean, M2, min, max), and a summary of the target.
 
 Chunks are summarised independently on the workers and merged on the driver with the parallel-variance
 formula (Chan, Golub & LeVeque), so statistics never need a second pass over the data.
@@ -6,7 +6,8 @@ formula (Chan, Golub & LeVeque), so statistics never need a second pass over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -84,4 +85,80 @@ class FeatureStats:
         return cls(
             int(data["count"]),
             *(np.asarray(data[k], dtype=np.float64) for k in ("mean", "m2", "min", "max")),
+        )
+
+
+@dataclass(frozen=True)
+class TargetStats:
+    """A mergeable summary of the target column: enough for ``gradpipe train`` to refuse a target outside
+    the family's domain from the dataset attrs alone, before any cluster starts.
+
+    ``n_not_binary`` counts values other than 0 and 1 (logistic regression's domain); ``min``/``max`` let a
+    family with a bound (y ≥ 0, y > 0) decide too. ``example``/``example_row`` are the first value that is
+    not 0/1 and its dataset row (0-based, after dropped rows), so the error message needs no read of ``y``.
+    Pieces are summarised on the workers with piece-local rows and shifted on the driver (:meth:`shifted`),
+    which merges them in row order: no second pass over the data.
+    """
+
+    count: int
+    min: float
+    max: float
+    n_not_binary: int
+    example: float | None = None
+    example_row: int | None = None
+
+    @classmethod
+    def empty(cls) -> TargetStats:
+        return cls(0, math.inf, -math.inf, 0)
+
+    @classmethod
+    def of(cls, y: np.ndarray) -> TargetStats:
+        """Summary of one block of targets; rows are numbered from 0 within the block."""
+        y = np.asarray(y)
+        if y.size == 0:
+            return cls.empty()
+        bad = (y != 0) & (y != 1)  # a bool mask and argmax: no index array as long as y for a continuous target
+        n_bad = int(np.count_nonzero(bad))
+        first = int(bad.argmax()) if n_bad else None
+        return cls(int(y.size), float(y.min()), float(y.max()), n_bad,
+                   None if first is None else float(y[first]), first)
+
+    def shifted(self, offset: int) -> TargetStats:
+        """The same summary for a block that starts at dataset row ``offset``."""
+        if self.example_row is None or offset == 0:
+            return self
+        return replace(self, example_row=self.example_row + offset)
+
+    def merge(self, other: TargetStats) -> TargetStats:
+        """Combine two summaries (rows already global); the example kept is the one in the earlier row."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        with_example = [s for s in (self, other) if s.example_row is not None]
+        first = min(with_example, key=lambda s: s.example_row or 0) if with_example else None
+        return TargetStats(self.count + other.count, min(self.min, other.min), max(self.max, other.max),
+                           self.n_not_binary + other.n_not_binary,
+                           None if first is None else first.example, None if first is None else first.example_row)
+
+    def to_json(self) -> dict:
+        """JSON-safe: an empty summary's ±inf bounds are written as null (Zarr attrs are strict JSON)."""
+        return {
+            "count": self.count,
+            "min": self.min if math.isfinite(self.min) else None,
+            "max": self.max if math.isfinite(self.max) else None,
+            "n_not_binary": self.n_not_binary,
+            "example": self.example,
+            "example_row": self.example_row,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> TargetStats:
+        return cls(
+            int(data["count"]),
+            math.inf if data.get("min") is None else float(data["min"]),
+            -math.inf if data.get("max") is None else float(data["max"]),
+            int(data["n_not_binary"]),
+            None if data.get("example") is None else float(data["example"]),
+            None if data.get("example_row") is None else int(data["example_row"]),
         )

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.errors import GradpipeError
 from pipeline.ingest.sources import Piece
-from pipeline.stats import FeatureStats
+from pipeline.stats import FeatureStats, TargetStats
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class PieceMeta:
     n_rows: int
     n_dropped: int
     stats: FeatureStats
+    target: TargetStats  # of the kept rows, numbered from 0 within the piece (the driver shifts them)
 
 
 @dataclass
@@ -79,7 +80,8 @@ def _parse_piece(piece: Piece, schema: Schema) -> Parsed:
         n_dropped = int((~valid).sum())
         XT, y = np.ascontiguousarray(XT[:, valid]), y[valid]
         stats = FeatureStats.of_columns(XT)
-    return Parsed(XT, y, PieceMeta(len(y), n_dropped, stats))
+    # Summarised here, after any drop, so the target summary covers exactly the rows X's statistics do.
+    return Parsed(XT, y, PieceMeta(len(y), n_dropped, stats, TargetStats.of(y)))
 
 
 Table = tuple[np.ndarray, np.ndarray, int]  # XT (d, n), y (n,), number of the piece's first row (0-based)

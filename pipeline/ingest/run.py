@@ -23,7 +23,7 @@ from pipeline.cluster import dask_client
 from pipeline.errors import GradpipeError
 from pipeline.ingest.parse import Parsed, Schema, file_sha256, parse_piece, piece_meta
 from pipeline.ingest.sources import Piece, discover, file_format, npy_column_names, plan_pieces, read_columns
-from pipeline.stats import FeatureStats
+from pipeline.stats import FeatureStats, TargetStats
 from pipeline.store import atomic
 from pipeline.store.dataset import (
     COMPRESSORS,
@@ -252,8 +252,16 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
         raise GradpipeError("no data rows: every source is empty or every row was dropped as invalid.")
     resize_rows(staged, n_total)
     stats = base.stats if base else FeatureStats.empty(d)
+    # The target summary merges in row order, each piece shifted to its first dataset row. Appending to a
+    # dataset ingested before the summary existed leaves it absent: the old rows were never summarised, so
+    # training falls back to its cluster-side check rather than trusting a summary of the new rows only.
+    target: TargetStats | None = TargetStats.empty() if base is None else base.target_stats
+    offset = n_old
     for m in metas:
         stats = stats.merge(m.stats)
+        if target is not None:
+            target = target.merge(m.target.shifted(offset))
+        offset += m.n_rows
     manifest = list(base.manifest) if base else []
     row, i = n_old, 0
     for f, (ps, _) in zip(files, plans, strict=True):
@@ -264,7 +272,7 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
                          "row_start": row, "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
         row += rows
     info = DatasetInfo(str(live), schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
-                       manifest)
+                       manifest, target)
     commit_info(staged, info)
     return info, sum(m.n_dropped for m in metas)
 

@@ -6,7 +6,8 @@ Layout (docs/design.md §4), readable with plain ``zarr.open_group`` / ``xarray.
 - ``y``: same dtype, chunks ``(chunk_rows,)``.
 - root attrs: ``gradpipe`` = ``{"kind": "dataset", "format_version": 1}``, ``feature_names``, ``target``,
   ``n_rows``, ``n_features``, ``chunk_rows``, ``stats`` (per-feature ``count/mean/m2/min/max``),
-  ``manifest`` (one entry per ingested source file).
+  ``manifest`` (one entry per ingested source file), ``target_stats`` (min, max, count of values not 0/1 and
+  the first such one; absent in datasets ingested before it existed, see :class:`pipeline.stats.TargetStats`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import GradpipeError
-from pipeline.stats import FeatureStats
+from pipeline.stats import FeatureStats, TargetStats
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -43,6 +44,9 @@ class DatasetInfo:
     dtype: str
     stats: FeatureStats
     manifest: list[dict[str, Any]] = field(default_factory=list)
+    # None for a dataset ingested before the summary existed (or written by fit_arrays): then training
+    # checks the target's domain on the cluster instead of before it starts.
+    target_stats: TargetStats | None = None
 
     @property
     def n_features(self) -> int:
@@ -71,6 +75,7 @@ class DatasetInfo:
             "dtype": self.dtype,
             "stats": self.stats.to_json(),
             "manifest": self.manifest,
+            **({} if self.target_stats is None else {"target_stats": self.target_stats.to_json()}),
         }
 
 
@@ -207,6 +212,7 @@ def read_info(path: str | Path) -> DatasetInfo:
         dtype=attrs["dtype"],
         stats=FeatureStats.from_json(attrs["stats"]),
         manifest=list(attrs["manifest"]),
+        target_stats=TargetStats.from_json(attrs["target_stats"]) if "target_stats" in attrs else None,
     )
 
 
