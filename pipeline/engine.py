@@ -102,13 +102,16 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
         _prepare_worker()
         _prepared = True
     kernel, args, combine, leaf_ids, n_leaves, fan_in, path, ranges, keys = pickle.loads(payload)
+    # In leaf order, once each: the in-place fold needs a parent's children in order (a re-placed pass can
+    # hand a worker the leaves of several lost ones).
+    leaves = sorted(dict(zip(leaf_ids, zip(ranges, keys, strict=True), strict=True)).items())
     if combine is add:
-        tree = _FoldingTree(leaf_ids, n_leaves, fan_in)
-        for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True):
+        tree = _FoldingTree([i for i, _ in leaves], n_leaves, fan_in)
+        for i, ((a, b), k) in leaves:
             tree.insert(0, i, kernel(*_leaf(path, a, b, k), *args))
         return tree.nodes
     nodes: dict[Node, np.ndarray] = {}
-    for i, (a, b), k in zip(leaf_ids, ranges, keys, strict=True):
+    for i, ((a, b), k) in leaves:
         nodes[(0, i)] = kernel(*_leaf(path, a, b, k), *args)
         nodes = reduce_tree(nodes, n_leaves, fan_in, combine)  # combine as the leaves come
     return nodes

@@ -270,6 +270,36 @@ def test_workers_fold_sums_in_place_with_the_bits_of_the_fixed_tree():
                 assert list(got) == list(ref) and all(np.array_equal(got[k], ref[k]) for k in ref), (n, fan_in, cuts)
 
 
+def test_a_worker_given_its_leaves_out_of_order_folds_the_same_bits(dataset, monkeypatch):
+    """A re-placed pass can hand one worker the leaves of several lost ones, not in leaf order; the in-place
+    fold needs each parent's children in order (it raised KeyError on the partial sum it had not begun)."""
+    import pickle
+
+    from pipeline import engine
+    from pipeline.engine import ChunkLayout, add, reduce_tree
+    from pipeline.losses import chunk_gram
+    from pipeline.store.dataset import open_dataset, read_rows
+
+    monkeypatch.setattr(engine, "_prepared", True)  # no worker set-up in the test process
+    ds = open_dataset(dataset)
+    bounds = ChunkLayout.regular(ds.n_rows, ds.chunk_rows, ds.n_features).bounds
+    n = len(bounds)
+    assert n >= 9  # two levels of the fan-in 8 tree
+    ref = reduce_tree({(0, i): chunk_gram(read_rows(str(dataset), a, b)[0]) for i, (a, b) in enumerate(bounds)},
+                      n, 8)
+    mine = [*range(8, n), *range(0, 8)]  # two lost groups, regrouped onto one worker in job order
+    payload = pickle.dumps((_gram_of_x, (), add, mine, n, 8, str(dataset), [bounds[i] for i in mine],
+                            [None] * n))
+    got = reduce_tree(engine._run_group(payload), n, 8)
+    assert list(got) == list(ref) and np.array_equal(got[next(iter(ref))], ref[next(iter(ref))])
+
+
+def _gram_of_x(X, y):
+    from pipeline.losses import chunk_gram
+
+    return chunk_gram(X)
+
+
 def test_a_long_run_is_a_few_files_and_resumes_bitwise(dataset, tmp_path):
     """Fails with one row per chunk: 600 iterations were ~8,000 files (13 arrays × one file per row)."""
     from pipeline.training import INPROCESS, resume
