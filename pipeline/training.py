@@ -178,17 +178,21 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                 _check_target(objective, ds)
                 mean, scale = ((problem.mean.tolist(), problem.scale.tolist()) if config.standardize
                                else (None, None))
-                store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name, dataset=DatasetRef(
-                    uri=ds.path, fingerprint=ds.fingerprint(), feature_names=ds.feature_names, target=ds.target,
-                    n_rows=ds.n_rows, mean=mean, scale=scale), n_params=problem.n_params,
-                    state_shapes=solver.state_shapes(), version=__version__)
-                t0 = time.perf_counter()
+                ours = not begin.path.exists()  # never remove a store this call did not create
                 try:
+                    store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name,
+                                            dataset=DatasetRef(uri=ds.path, fingerprint=ds.fingerprint(),
+                                                               feature_names=ds.feature_names, target=ds.target,
+                                                               n_rows=ds.n_rows, mean=mean, scale=scale),
+                                            n_params=problem.n_params, state_shapes=solver.state_shapes(),
+                                            version=__version__)
+                    t0 = time.perf_counter()
                     row = solver.start(begin.theta0)
                     for name, value in solver.static_arrays().items():
                         store.write_static(name, value)
-                except BaseException:  # a bad setting, an error or Ctrl-C before iteration 0: no run to keep
-                    shutil.rmtree(begin.path, ignore_errors=True)
+                except BaseException:  # a full disk, a bad setting or Ctrl-C before iteration 0: no run to keep
+                    if ours:
+                        shutil.rmtree(begin.path, ignore_errors=True)
                     raise
                 return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
         with run_lock(begin.path):  # held for the whole resume: a second --resume of this run is refused
