@@ -47,6 +47,10 @@ LEAF_BYTES = 16 * 2**20  # at most this much X per leaf: ≥ 4 leaves per 64 MiB
 # A worker joins in only for this much data: a second task per iteration costs ~1.5 ms of round trip, and
 # half a pass over 32 MiB saves ~2 ms (the fused kernel reads ~8 GB/s per core). Tiny data: one task.
 MIN_BYTES_PER_WORKER = 32 * 2**20
+# Leaf results this large (a Gram of ~1,000 features) are streamed: one task per block of the tree's first
+# level, folded on the driver as they complete. Sent whole, a worker's unfolded boundary nodes and the
+# driver's copies of them all were held at once: ~20 GB for a 10,000-feature Gram pass on 2 workers.
+STREAM_BYTES = 8 * 2**20
 # How often a pass in flight checks that the workers its tasks wait for still exist. Dask reschedules a task
 # whose worker died only onto a worker its restriction names, so a task pinned to a dead worker would wait
 # for ever; the check re-places it on the living workers. Completed passes return at once, not after a poll.
@@ -79,6 +83,15 @@ def reduce_tree(nodes: dict[Node, np.ndarray], n_leaves: int, fan_in: int,
                 nodes[(level + 1, p)] = combine([nodes.pop(k) for k in kids])
         size, level = parents, level + 1
     return nodes
+
+
+def _root(nodes: dict[Node, np.ndarray]) -> np.ndarray:
+    """The tree's root as a fresh, aligned, C-ordered copy: a result unpickled from a worker can sit at any
+    byte offset, and BLAS on the driver takes other (differently rounded) paths for misaligned data — a
+    resumed run, reading the same values from Zarr, would not repeat the bits."""
+    if len(nodes) != 1:
+        raise RuntimeError(f"reduction incomplete: {sorted(nodes)}")
+    return np.array(next(iter(nodes.values())), dtype=np.float64, order="C", copy=True)
 
 
 def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -118,16 +131,20 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
 
 
 class _FoldingTree:
-    """The sums of the fixed tree, folded in place as a worker's leaves come, in order.
+    """The sums of the fixed tree, folded in place as nodes come (a worker's leaves; the driver's streamed
+    task results).
 
-    A parent whose children are all this worker's is the running sum ``((c0 + c1) + c2) + …``, exactly what
-    :func:`add` computes from the list, so the bits are the same; only one partial sum per level is held
-    instead of every leaf's result (a 5,000-feature Gram is 200 MB per leaf). Children of a parent that other
-    workers share are kept as they are, for the driver to combine.
+    A parent whose children are all here (``leaf_ids``) is the running sum ``((c0 + c1) + c2) + …``, exactly
+    what :func:`add` computes from the list, so the bits are the same; only one partial sum per parent is held
+    instead of every leaf's result (a 5,000-feature Gram is 200 MB per leaf). A child that comes before an
+    elder sibling waits for it. Children of a parent that other workers share are kept as they are, for the
+    driver to combine.
     """
 
     def __init__(self, leaf_ids: list[int], n_leaves: int, fan_in: int):
         self.fan_in, self.nodes, self.partial = fan_in, {}, {}
+        self.next: dict[Node, int] = {}  # per parent being summed: the child it needs next
+        self.waiting: dict[Node, np.ndarray] = {}  # children that came before an elder sibling
         self.sizes, self.whole = [n_leaves], [set(leaf_ids)]  # per level: node count, nodes wholly ours
         while self.sizes[-1] > 1:
             size = -(-self.sizes[-1] // fan_in)
@@ -142,12 +159,24 @@ class _FoldingTree:
             self.nodes[(level, index)] = value
             return
         key = (level + 1, parent)
-        if index == parent * self.fan_in:
-            self.partial[key] = np.array(value, dtype=np.float64, copy=True)
-        else:
-            self.partial[key] += value
-        if index == min((parent + 1) * self.fan_in, self.sizes[level]) - 1:
-            self.insert(level + 1, parent, self.partial.pop(key))
+        first, last = parent * self.fan_in, min((parent + 1) * self.fan_in, self.sizes[level]) - 1
+        if index != self.next.get(key, first):  # an elder sibling is still to come: wait for it
+            self.waiting[(level, index)] = value
+            return
+        while True:
+            if index == first:
+                self.partial[key] = np.array(value, dtype=np.float64, copy=True)
+            else:
+                self.partial[key] += value
+            if index == last:
+                self.next.pop(key, None)
+                self.insert(level + 1, parent, self.partial.pop(key))
+                return
+            index += 1
+            self.next[key] = index
+            if (level, index) not in self.waiting:
+                return
+            value = self.waiting.pop((level, index))
 
 
 def _prepare_worker() -> None:
@@ -248,20 +277,30 @@ class ChunkEngine:
         self.groups = sorted(groups.items(), key=lambda g: g[1][0])
 
     def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None,
-                   combine: Combine = add) -> np.ndarray:
+                   combine: Combine = add, result_bytes: int = 0) -> np.ndarray:
         """``kernel(X_k, y_k, *args)`` over all leaves (or ``positions``), combined up the fixed tree (one
-        task per worker; ``combine`` must be a module-level function, it travels pickled by reference)."""
+        task per worker; ``combine`` must be a module-level function, it travels pickled by reference).
+
+        ``result_bytes``, what one leaf's result takes, decides how: sums of at least ``STREAM_BYTES`` (a
+        Gram of a thousand features) go one task per block of ``fan_in`` leaves, folded on the driver as they
+        come (:meth:`_streamed`), so no process holds more than a few of them at once."""
         self._calls += 1
         if self._calls % 50 == 0:
             self._plan()  # follow leaves that moved after a worker left or joined
         index = None if positions is None else {p: i for i, p in enumerate(sorted(set(positions)))}
         n_leaves = len(self.layout) if index is None else len(index)
         spec = (kernel, args, combine, index, n_leaves)
+        streamed = combine is add and result_bytes >= STREAM_BYTES
         jobs: list[tuple[Future, str, list[int]]] = []
         for worker, group in self.groups:
             mine = group if index is None else [p for p in group if p in index]
-            if mine:
-                jobs.append((self._submit(spec, worker, mine, len(jobs)), worker, mine))
+            blocks: dict[int, list[int]] = {}
+            for p in mine:  # streamed: one task per block of the tree's first level; else one in all
+                blocks.setdefault((p if index is None else index[p]) // self.fan_in if streamed else 0, []).append(p)
+            for block in blocks.values():
+                jobs.append((self._submit(spec, worker, block, len(jobs)), worker, block))
+        if streamed:
+            return self._streamed(spec, jobs, n_leaves)
         nodes: dict[Node, np.ndarray] = {}
         while jobs:
             try:
@@ -279,12 +318,26 @@ class ChunkEngine:
 
             with threadpool_limits(1):
                 root = reduce_tree(nodes, n_leaves, self.fan_in, combine)
-        if len(root) != 1:
-            raise RuntimeError(f"reduction incomplete: {sorted(root)}")
-        # A fresh, aligned, C-ordered copy: a result unpickled from a worker can sit at any byte offset, and
-        # BLAS on the driver takes other (differently rounded) paths for misaligned data — a resumed run,
-        # reading the same values from Zarr, would not repeat the bits.
-        return np.array(next(iter(root.values())), dtype=np.float64, order="C", copy=True)
+        return _root(root)
+
+    def _streamed(self, spec: tuple, jobs: list[tuple[Future, str, list[int]]], n_leaves: int) -> np.ndarray:
+        """Fold each task's nodes into the driver's tree as it completes, then let the task's result go.
+
+        The same tree and the same left-to-right sums as :func:`reduce_tree`, so the same bits; a node that
+        comes before its elder siblings waits for them (workers run their tasks in leaf order, so few do)."""
+        tree = _FoldingTree(list(range(n_leaves)), n_leaves, self.fan_in)
+        while jobs:
+            try:
+                done = wait([f for f, _, _ in jobs], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                jobs = self._replace_lost(spec, jobs)
+                continue
+            for job in [j for j in jobs if j[0] in done]:
+                for (level, i), value in sorted(job[0].result().items()):
+                    tree.insert(level, i, value)
+                job[0].release()
+                jobs.remove(job)
+        return _root(tree.nodes)
 
     def _submit(self, spec: tuple, worker: str, mine: list[int], group: int) -> Future:
         kernel, args, combine, index, n_leaves = spec

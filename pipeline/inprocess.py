@@ -16,7 +16,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import pipeline.losses  # noqa: F401  (the kernels' module, loaded before the first pass)
-from pipeline.engine import ChunkLayout, Combine, Kernel, add, reduce_tree
+from pipeline.engine import ChunkLayout, Combine, Kernel, _FoldingTree, _root, add, reduce_tree
 from pipeline.store.dataset import read_rows
 
 
@@ -36,16 +36,18 @@ class InProcessEngine:
         self._leaves = [read_rows(store, a, b) for a, b in self.layout.bounds]
 
     def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None,
-                   combine: Combine = add) -> np.ndarray:
-        """``kernel(X_k, y_k, *args)`` over all leaves (or ``positions``), combined up the fixed tree."""
+                   combine: Combine = add, result_bytes: int = 0) -> np.ndarray:
+        """``kernel(X_k, y_k, *args)`` over all leaves (or ``positions``), combined up the fixed tree; sums are
+        folded as the leaves come, as on a worker (``result_bytes`` is for the cluster engine's planning)."""
         chosen = range(len(self.layout)) if positions is None else sorted(set(positions))
         with threadpool_limits(1):  # as on the workers: thread count changes the bits of BLAS sums
+            if combine is add:
+                tree = _FoldingTree(list(range(len(chosen))), len(chosen), self.fan_in)
+                for i, p in enumerate(chosen):
+                    tree.insert(0, i, kernel(*self._leaves[p], *args))
+                return _root(tree.nodes)
             nodes = {(0, i): kernel(*self._leaves[p], *args) for i, p in enumerate(chosen)}
-            root = reduce_tree(nodes, len(nodes), self.fan_in, combine)
-        if len(root) != 1:
-            raise RuntimeError(f"reduction incomplete: {sorted(root)}")
-        # the cluster engine returns a fresh aligned copy; so does this one (BLAS paths depend on alignment)
-        return np.array(next(iter(root.values())), dtype=np.float64, order="C", copy=True)
+            return _root(reduce_tree(nodes, len(nodes), self.fan_in, combine))
 
     def close(self) -> None:
         self._leaves = []

@@ -49,6 +49,11 @@ class ClusterObjective:
         self._bound: np.ndarray | None = None
 
     @property
+    def _gram_bytes(self) -> int:
+        """What one leaf's Gram takes: large ones are folded as they come (``map_reduce``)."""
+        return 8 * self.problem.n_params ** 2
+
+    @property
     def _args(self) -> tuple:
         p = self.problem
         return p.family, p.mean, p.scale
@@ -71,7 +76,7 @@ class ClusterObjective:
         ``sum_y``): one pass."""
         self.passes += 1
         fam, mean, scale = self._args
-        flat = self.engine.map_reduce(_newton, fam, theta, mean, scale)
+        flat = self.engine.map_reduce(_newton, fam, theta, mean, scale, result_bytes=self._gram_bytes)
         at = losses.newton_layout(self.problem.n_params)
         p, n = self.problem.n_params, float(flat[at["n"]][0])
         gram_sum = flat[at["gram"]].reshape(p, p)
@@ -90,7 +95,8 @@ class ClusterObjective:
         if self._bound is None:
             self.passes += 1
             _, mean, scale = self._args
-            self._bound = self.problem.hessian_bound(self.engine.map_reduce(_gram, mean, scale) / self.n_rows)
+            gram = self.engine.map_reduce(_gram, mean, scale, result_bytes=self._gram_bytes)
+            self._bound = self.problem.hessian_bound(gram / self.n_rows)
         return self._bound
 
     def target_summary(self) -> tuple[int, int, float]:

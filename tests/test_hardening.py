@@ -268,6 +268,13 @@ def test_workers_fold_sums_in_place_with_the_bits_of_the_fixed_tree():
                     nodes.update(tree.nodes)
                 got = reduce_tree(nodes, n, fan_in)
                 assert list(got) == list(ref) and all(np.array_equal(got[k], ref[k]) for k in ref), (n, fan_in, cuts)
+                # the driver's streamed fold: every worker's nodes, arriving in any order
+                driver = _FoldingTree(list(range(n)), n, fan_in)
+                for key in rng.permutation(len(nodes)):
+                    driver.insert(*sorted(nodes)[key], nodes[sorted(nodes)[key]])
+                assert not driver.partial and not driver.waiting
+                assert list(driver.nodes) == list(ref) and np.array_equal(driver.nodes[next(iter(ref))],
+                                                                          ref[next(iter(ref))]), (n, fan_in, cuts)
 
 
 def test_a_worker_given_its_leaves_out_of_order_folds_the_same_bits(dataset, monkeypatch):
@@ -292,6 +299,29 @@ def test_a_worker_given_its_leaves_out_of_order_folds_the_same_bits(dataset, mon
                             [None] * n))
     got = reduce_tree(engine._run_group(payload), n, 8)
     assert list(got) == list(ref) and np.array_equal(got[next(iter(ref))], ref[next(iter(ref))])
+
+
+def test_streamed_gram_passes_give_the_bits_of_one_task_per_worker(dataset, client, monkeypatch):
+    """Large leaf results (Grams of thousands of features) go one task per tree block, folded on the driver
+    as they come, so that no process holds every worker's boundary nodes at once; same tree, same bits."""
+    from pipeline import engine as engine_module
+    from pipeline.engine import STREAM_BYTES, ChunkEngine
+    from pipeline.inprocess import InProcessEngine
+    from pipeline.objective import _gram
+    from pipeline.store.dataset import open_dataset
+
+    monkeypatch.setattr(engine_module, "MIN_BYTES_PER_WORKER", 1)  # both workers, though the data are tiny
+    ds = open_dataset(dataset)
+    shape = dict(store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features, itemsize=8)
+    engine = ChunkEngine(client, **shape, fan_in=2)  # fan-in 2 over 15 leaves: four levels, blocks of two
+    assert len(engine.groups) == 2
+    whole = engine.map_reduce(_gram, None, None)
+    streamed = engine.map_reduce(_gram, None, None, result_bytes=STREAM_BYTES)
+    local = InProcessEngine(**shape, fan_in=2).map_reduce(_gram, None, None)
+    engine.close()
+    assert np.array_equal(whole, streamed) and np.array_equal(whole, local)
+    X = np.asarray(open_dataset(dataset).X[:])  # and it is the Gram: 1e-9 relative, sums in another order
+    np.testing.assert_allclose(whole[:-1, :-1], X.T @ X, rtol=1e-9)
 
 
 def _gram_of_x(X, y):
