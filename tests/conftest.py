@@ -47,6 +47,24 @@ def client(cluster):
         yield c
 
 
+@pytest.fixture(scope="session")
+def clients_1_and_4():
+    """Clusters of 1 and 4 worker processes, started once for the tests that compare histories across
+    worker counts (each start costs seconds; idle, they cost nothing)."""
+    from contextlib import ExitStack
+
+    from distributed import Client, LocalCluster
+
+    with ExitStack() as stack:
+        clients = {}
+        for n in (1, 4):
+            lc = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                  host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                                  silence_logs=logging.CRITICAL))
+            clients[n] = stack.enter_context(Client(lc))
+        yield clients
+
+
 @pytest.fixture
 def scheduler(cluster) -> str:
     return cluster.scheduler_address

@@ -4,7 +4,6 @@ their passes, determinism on 1/2/4 workers, resume, and inference statistics."""
 from __future__ import annotations
 
 import json
-import logging
 import random
 import signal
 import subprocess
@@ -12,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 
 from pipeline.cli import main
 from pipeline.config import TrainConfig
@@ -158,18 +156,17 @@ def test_exact_refuses_a_logistic_model(logistic, client, tmp_path, capsys):
     assert code == 2 and "--solver exact" in capsys.readouterr().err and not list(tmp_path.glob("*.zarr"))
 
 
-def test_new_solvers_are_bitwise_identical_on_1_2_and_4_workers(collinear, logistic, client, tmp_path):
+def test_new_solvers_are_bitwise_identical_on_1_2_and_4_workers(collinear, logistic, client, clients_1_and_4,
+                                                                tmp_path):
     cases = {"exact": (collinear[0], TrainConfig(solver="exact")),
              "newton": (logistic[0], TrainConfig(model="logistic", solver="newton", tol=0, gtol=0, max_iter=6)),
              "lbfgs": (logistic[0], TrainConfig(model="logistic", solver="lbfgs", tol=0, gtol=0, max_iter=12,
                                                 fan_in=3))}
     for name, (path, cfg) in cases.items():
         train(path, cfg, client=client, runs_dir=tmp_path, run_id=f"{name}-w2")
-    for n in (1, 4):
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as lc, Client(lc) as c:
-            for name, (path, cfg) in cases.items():
-                train(path, cfg, client=c, runs_dir=tmp_path, run_id=f"{name}-w{n}")
+    for n, c in clients_1_and_4.items():
+        for name, (path, cfg) in cases.items():
+            train(path, cfg, client=c, runs_dir=tmp_path, run_id=f"{name}-w{n}")
     for name in cases:
         ref = history(tmp_path, f"{name}-w2")
         assert len(ref["loss"]) >= 2
