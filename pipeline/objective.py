@@ -96,7 +96,8 @@ class ClusterObjective:
             self.passes += 1
             _, mean, scale = self._args
             gram = self.engine.map_reduce(_gram, mean, scale, result_bytes=self._gram_bytes)
-            self._bound = self.problem.hessian_bound(gram / self.n_rows)
+            gram /= self.n_rows  # in place: the pass's result is ours, and d² floats can be a GB
+            self._bound = self.problem.hessian_bound(gram)
         return self._bound
 
     def target_summary(self) -> tuple[int, int, float]:
