@@ -51,6 +51,7 @@ MIN_BYTES_PER_WORKER = 32 * 2**20
 # level, folded on the driver as they complete. Sent whole, a worker's unfolded boundary nodes and the
 # driver's copies of them all were held at once: ~20 GB for a 10,000-feature Gram pass on 2 workers.
 STREAM_BYTES = 8 * 2**20
+STREAM_DEPTH = 2  # streamed tasks out per worker: one running, one queued behind it
 # How often a pass in flight checks that the workers its tasks wait for still exist. Dask reschedules a task
 # whose worker died only onto a worker its restriction names, so a task pinned to a dead worker would wait
 # for ever; the check re-places it on the living workers. Completed passes return at once, not after a poll.
@@ -292,16 +293,16 @@ class ChunkEngine:
         n_leaves = len(self.layout) if index is None else len(index)
         spec = (kernel, args, combine, index, n_leaves)
         streamed = combine is add and result_bytes >= STREAM_BYTES
-        jobs: list[tuple[Future, str, list[int]]] = []
+        planned: list[tuple[str, list[int]]] = []
         for worker, group in self.groups:
             mine = group if index is None else [p for p in group if p in index]
             blocks: dict[int, list[int]] = {}
             for p in mine:  # streamed: one task per block of the tree's first level; else one in all
                 blocks.setdefault((p if index is None else index[p]) // self.fan_in if streamed else 0, []).append(p)
-            for block in blocks.values():
-                jobs.append((self._submit(spec, worker, block, len(jobs)), worker, block))
+            planned += [(worker, block) for block in blocks.values()]
         if streamed:
-            return self._streamed(spec, jobs, n_leaves)
+            return self._streamed(spec, planned, n_leaves)
+        jobs = [(self._submit(spec, w, block, g), w, block) for g, (w, block) in enumerate(planned)]
         nodes: dict[Node, np.ndarray] = {}
         while jobs:
             try:
@@ -321,23 +322,42 @@ class ChunkEngine:
                 root = reduce_tree(nodes, n_leaves, self.fan_in, combine)
         return _root(root)
 
-    def _streamed(self, spec: tuple, jobs: list[tuple[Future, str, list[int]]], n_leaves: int) -> np.ndarray:
+    def _streamed(self, spec: tuple, planned: list[tuple[str, list[int]]], n_leaves: int) -> np.ndarray:
         """Fold each task's nodes into the driver's tree as it completes, then let the task's result go.
 
         The same tree and the same left-to-right sums as :func:`reduce_tree`, so the same bits; a node that
-        comes before its elder siblings waits for them (workers run their tasks in leaf order, so few do)."""
+        comes before its elder siblings waits for them. Each worker has at most ``STREAM_DEPTH`` tasks out at
+        a time, its next one sent when one is folded: results never pile up on a worker faster than the
+        driver folds them."""
         tree = _FoldingTree(list(range(n_leaves)), n_leaves, self.fan_in)
+        queues: dict[str, list[tuple[int, list[int]]]] = {}
+        for g, (worker, block) in enumerate(planned):
+            queues.setdefault(worker, []).append((g, block))
+        jobs: list[tuple[Future, str, list[int]]] = []
+
+        def top_up() -> None:
+            for worker, queue in queues.items():
+                out = sum(w == worker for _, w, _ in jobs)  # re-placed tasks count for their new worker
+                while queue and out < STREAM_DEPTH:
+                    g, block = queue.pop(0)
+                    where = worker if worker in self.workers else self._owner(block[0])  # its worker was lost
+                    jobs.append((self._submit(spec, where, block, g), worker, block))
+                    out += 1
+
+        top_up()
         while jobs:
             try:
                 done = wait([f for f, _, _ in jobs], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED").done
             except TimeoutError:
-                jobs = self._replace_lost(spec, jobs)
+                jobs[:] = self._replace_lost(spec, jobs)
+                top_up()
                 continue
             for job in [j for j in jobs if j[0] in done]:
                 for (level, i), value in sorted(job[0].result().items()):
                     tree.insert(level, i, value)
                 job[0].release()
                 jobs.remove(job)
+            top_up()
         return _root(tree.nodes)
 
     def _submit(self, spec: tuple, worker: str, mine: list[int], group: int) -> Future:
