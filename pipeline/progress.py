@@ -28,19 +28,16 @@ def wanted(quiet: bool = False) -> bool:
 class _Live:
     """A one-task rich display, started on the first update and stopped (line kept, cursor back) on exit."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, columns: tuple[ProgressColumn, ...]) -> None:
+        self.enabled, self.columns = enabled, columns
         self._progress: Progress | None = None
         self._task: TaskID | None = None
-
-    def _columns(self) -> tuple[ProgressColumn, ...]:
-        raise NotImplementedError
 
     def _update(self, total: float, completed: float, **fields: Any) -> None:
         if not self.enabled:
             return
         if self._progress is None:
-            self._progress = Progress(*self._columns(), console=Console(stderr=True), refresh_per_second=5)
+            self._progress = Progress(*self.columns, console=Console(stderr=True), refresh_per_second=5)
             self._progress.start()
             self._task = self._progress.add_task("", total=total, completed=completed, **fields)
         else:
@@ -65,13 +62,11 @@ class TrainProgress(_Live):
     """``on_iteration`` callback of train()/resume(): ``iter t/max_iter``, loss, ‖g‖, lr and elapsed seconds."""
 
     def __init__(self, enabled: bool, max_iter: int) -> None:
-        super().__init__(enabled)
+        super().__init__(enabled, (
+            TextColumn("iter {task.completed:>6.0f}/{task.total:.0f}"), BarColumn(bar_width=24),
+            TextColumn("loss {task.fields[loss]:.10g}  ‖g‖ {task.fields[grad_norm]:.3e}  "
+                       "lr {task.fields[lr]:.3g}  {task.fields[elapsed]:.1f}s")))
         self.max_iter = max_iter
-
-    def _columns(self) -> tuple[ProgressColumn, ...]:
-        return (TextColumn("iter {task.completed:>6.0f}/{task.total:.0f}"), BarColumn(bar_width=24),
-                TextColumn("loss {task.fields[loss]:.10g}  ‖g‖ {task.fields[grad_norm]:.3e}  "
-                           "lr {task.fields[lr]:.3g}  {task.fields[elapsed]:.1f}s"))
 
     def __call__(self, t: int, rec: dict[str, Any]) -> None:
         self._update(self.max_iter, t, loss=float(rec["loss"]), grad_norm=float(rec["grad_norm"]),
@@ -100,12 +95,9 @@ class IngestProgress(_Live):
     """
 
     def __init__(self, enabled: bool) -> None:
-        super().__init__(enabled)
-        self.t0 = time.monotonic()  # the command's start: made right where it begins, in its `with`
-
-    def _columns(self) -> tuple[ProgressColumn, ...]:
-        return (TextColumn("ingest {task.fields[done]}/{task.fields[pieces]} pieces"), BarColumn(bar_width=24),
-                DownloadColumn(), _SinceStart(self.t0))
+        # the clock starts with the command: made right where it begins, in its `with`
+        super().__init__(enabled, (TextColumn("ingest {task.fields[done]}/{task.fields[pieces]} pieces"),
+                                   BarColumn(bar_width=24), DownloadColumn(), _SinceStart(time.monotonic())))
 
     def __call__(self, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
         self._update(bytes_total, bytes_done, done=done, pieces=total)

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from pipeline.inference import table
-from pipeline.store.runs import RunStore
+from pipeline.store.runs import REPORT_GROUP, RunStore
 
 
 def sampled_rows(n: int, k: int = 20) -> list[int]:
@@ -39,7 +38,7 @@ def markdown(store: RunStore, run_id: str, metrics: dict[str, float], decision: 
     return "\n".join(lines)
 
 
-REPORT_GROUP, LOSS_CURVE_FILE = "report", "loss_curve.png"
+LOSS_CURVE_FILE = "loss_curve.png"
 FIGSIZE, DPI = (6.0, 4.0), 90  # ~540×360 px, a few tens of KB: small enough to inline in a Prefect artifact
 
 
@@ -134,19 +133,11 @@ def loss_curve_path(store_path: str | Path) -> Path:
 
 
 def write_loss_curve(store_path: str | Path) -> Path:
-    """Write the run's loss curve inside its store, at ``loss_curve_path`` (what ``gradpipe train`` calls).
-
-    Not at the store's top level: Zarr lists a group's directory to find its members, and a stray file
-    there makes every listing (``RunStore.open`` checks every array) warn "Object at loss_curve.png is not
-    recognized as a component of a Zarr hierarchy" — an error under ``-W error``. ``report/`` is a small
-    Zarr group of its own (its ``zarr.json`` says ``kind: report``), so the store's listing sees a group,
-    not a stray file, and the arrays are untouched. Rewriting it after a resume replaces the old picture."""
-    store_path = Path(store_path)
+    """Write the run's loss curve inside its store, at ``loss_curve_path`` (what ``gradpipe train`` calls):
+    in the store's report group (:meth:`RunStore.report_dir`), so the arrays are untouched. Rewriting it
+    after a resume replaces the old picture."""
     store = RunStore.open(store_path)
-    out = loss_curve_path(store_path)
-    if not (out.parent / "zarr.json").is_file():
-        zarr.open_group(str(out.parent), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
-    return loss_curve_png(store, out)
+    return loss_curve_png(store, store.report_dir() / LOSS_CURVE_FILE)
 
 
 def loss_curve_data_uri(png_path: str | Path) -> str:

@@ -43,6 +43,7 @@ from pipeline.errors import GradpipeError
 
 FORMAT_VERSION = 1
 SCALARS = ("loss", "grad_norm", "lr", "elapsed", "passes")
+REPORT_GROUP = "report"  # the subgroup for files about the run (RunStore.report_dir)
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,16 @@ class RunStore:
 
     def history(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in self.array_names()}
+
+    def report_dir(self) -> Path:
+        """``<store>/report``, a small Zarr group of its own for the files that describe the run (its loss
+        curve). Not the store's top level: Zarr lists a group's directory to find its members, and a stray
+        file there makes every listing warn "Object at … is not recognized as a component of a Zarr
+        hierarchy" (an error under ``-W error``); a subgroup is a member it recognizes."""
+        path = self.path / REPORT_GROUP
+        if not (path / "zarr.json").is_file():
+            zarr.open_group(str(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+        return path
 
     def annotate(self, **values: Any) -> None:
         """Record extra facts about the run (warm start source, publish decision) in its attrs."""
