@@ -133,15 +133,35 @@ def _engine(client: Client | str, ds, config: TrainConfig) -> ChunkEngine:
                        itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist, fan_in=config.fan_in)
 
 
+def check_target_domain(info, fam) -> bool:
+    """Refuse a target outside the family's domain from the summary ingest recorded (no pass, no cluster).
+    True when the summary settles it; False without one (an older dataset): then a pass must check."""
+    summary = info.target_stats
+    verdict = None if summary is None else fam.y_in_domain(summary)
+    if verdict is None:
+        return False
+    if verdict:
+        return True
+    count = fam.y_outside_count(summary)
+    if count is None:  # a family whose bound only min(y) decides cannot count the rows: the minimum tells
+        raise _outside_domain(fam, info.target, f"values outside it (min {summary.min:g})")
+    example = "" if summary.example is None else f" (e.g. {summary.example:g} in row {summary.example_row})"
+    raise _outside_domain(fam, info.target, f"{count} other values{example}")
+
+
+def _outside_domain(fam, target: str, what: str) -> GradpipeError:
+    return GradpipeError(f"--model {fam.name} needs {fam.y_domain()} in the target; column {target!r} holds "
+                         f"{what}.{fam.y_advice()}")
+
+
 def _check_target(objective: ClusterObjective, ds) -> None:
     fam = objective.problem.family
-    if not fam.checks_y:
+    if not fam.checks_y or check_target_domain(ds, fam):
         return
     bad, _, _ = objective.target_summary()  # counts are sums: they survive the tree
     if bad:
         example, row = _first_invalid(ds, fam)
-        raise GradpipeError(f"--model {fam.name} needs {fam.y_domain()} in the target; column {ds.target!r} holds "
-                            f"{bad} other values (e.g. {example:g} in row {row}).{fam.y_advice()}")
+        raise _outside_domain(fam, ds.target, f"{bad} other values (e.g. {example:g} in row {row})")
 
 
 def _first_invalid(ds, fam) -> tuple[float, int]:

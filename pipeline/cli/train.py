@@ -12,7 +12,7 @@ from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, PERSIST, SCHEDULES, SOLVERS, TrainConfig
 
 if TYPE_CHECKING:
-    from pipeline.store.dataset import DatasetInfo
+    pass
 
 
 def _lr(value: str) -> float | str:
@@ -92,39 +92,20 @@ def _loss_curve(run_uri: str) -> str | None:
         return None
 
 
-def _check_target_domain(info: DatasetInfo, model: str) -> None:
-    """Refuse a target outside ``--model``'s domain from the summary ingest recorded, before a cluster
-    starts (training's own check needs a pass on one, tens of seconds on a busy machine). Without a summary
-    (an older dataset) nothing is decided here: training's cluster-side check still runs."""
-    from pipeline.errors import GradpipeError
-    from pipeline.families import get_family
-
-    fam = get_family(model)
-    summary = info.target_stats
-    if summary is None or fam.y_in_domain(summary) is not False:
-        return
-    count = fam.y_outside_count(summary)
-    # a family whose bound only min(y) decides cannot count the rows: the minimum is its example then
-    what = f"{count} other values" if count is not None else f"values outside it (min {summary.min:g})"
-    example = (f" (e.g. {summary.example:g} in row {summary.example_row})"
-               if count is not None and summary.example is not None else "")
-    raise GradpipeError(f"--model {fam.name} needs {fam.y_domain()} in the target; column {info.target!r} holds "
-                        f"{what}{example}.{fam.y_advice()}")
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
+    from pipeline.families import get_family
     from pipeline.progress import TrainProgress, wanted
     from pipeline.store.dataset import read_info
-    from pipeline.training import check_new_run_id, check_resumable, resume, train
+    from pipeline.training import check_new_run_id, check_resumable, check_target_domain, resume, train
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")
     if args.dataset:
         config = _config(args).validate()
         # a missing or wrong dataset fails before a cluster starts, and so does a target outside --model's domain
-        _check_target_domain(read_info(args.dataset), config.model)
+        check_target_domain(read_info(args.dataset), get_family(config.model))  # a target it cannot fit too
         if args.run_id:
             check_new_run_id(args.run_id, args.runs_dir)  # so does a run id that is taken
         max_iter = config.max_iter
