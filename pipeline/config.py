@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pipeline.errors import GradpipeError
-from pipeline.families import FAMILIES
+from pipeline.families import FAMILIES, Family, get_family
 from pipeline.solvers import CHOICES as SOLVERS
 
 MODELS = tuple(FAMILIES)
@@ -20,6 +20,10 @@ class TrainConfig:
     solver: str = "auto"
     lr: float | str = "auto"
     l2: float = 0.0
+    l1: float = 0.0
+    alpha: float | None = None  # glum/scikit-learn: l1 = alpha·l1_ratio, l2 = alpha·(1 − l1_ratio)
+    l1_ratio: float | None = None
+    power: float = 1.5  # the Tweedie power (1 < p < 2); other families ignore it
     max_iter: int = 500
     tol: float | None = None  # None: 1e-12 (relative loss change per iteration); 1e-4 per epoch for sgd
     gtol: float = 1e-8
@@ -50,6 +54,11 @@ class TrainConfig:
             raise bad("solver", f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}.")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        self._resolve_alpha(bad)
+        try:
+            get_family(self.model, power=self.power)
+        except ValueError as exc:
+            raise bad("power", str(exc)) from None
         if self.persist not in PERSIST:
             raise bad("persist", f"must be one of {', '.join(PERSIST)}, not {self.persist!r}.")
         if self.lr != "auto":
@@ -60,7 +69,8 @@ class TrainConfig:
             if not self.lr > 0 or self.lr == float("inf"):
                 raise bad("lr", f"must be a positive number or 'auto', not {self.lr}.")
         checks = [
-            ("l2", self.l2 >= 0, "must be ≥ 0"), ("max-iter", self.max_iter >= 0, "must be ≥ 0"),
+            ("l2", self.l2 >= 0, "must be ≥ 0"), ("l1", self.l1 >= 0, "must be ≥ 0"),
+            ("max-iter", self.max_iter >= 0, "must be ≥ 0"),
             ("tol", self.tol is None or self.tol >= 0, "must be ≥ 0"), ("gtol", self.gtol >= 0, "must be ≥ 0"),
             ("time-budget", self.time_budget is None or self.time_budget > 0, "must be > 0 seconds"),
             ("batch-chunks", self.batch_chunks >= 1, "must be ≥ 1"),
@@ -77,11 +87,30 @@ class TrainConfig:
                 raise bad(flag, f"{why}, not {getattr(self, flag.replace('-', '_'))}.")
         return self
 
+    def _resolve_alpha(self, bad) -> None:
+        """``--alpha A --l1-ratio R`` sets l1 = A·R and l2 = A·(1 − R) (R defaults to 0, glum's default)."""
+        if self.alpha is None:
+            if self.l1_ratio is not None:
+                raise bad("l1-ratio", "needs --alpha (the overall strength).")
+            return
+        ratio = 0.0 if self.l1_ratio is None else float(self.l1_ratio)
+        if not (self.alpha >= 0 and 0.0 <= ratio <= 1.0):
+            raise bad("alpha" if not self.alpha >= 0 else "l1-ratio",
+                      f"needs alpha ≥ 0 and 0 ≤ l1-ratio ≤ 1, not {self.alpha} and {ratio}.")
+        l1, l2 = self.alpha * ratio, self.alpha * (1.0 - ratio)
+        if (self.l1, self.l2) not in ((0.0, 0.0), (l1, l2)):
+            raise bad("alpha", "give either --alpha/--l1-ratio or --l1/--l2, not both.")
+        self.l1, self.l2 = l1, l2
+
     @property
     def effective_tol(self) -> float:
         if self.tol is not None:
             return self.tol
         return 1e-4 if self.solver == "sgd" else 1e-12
+
+    @property
+    def family(self) -> Family:
+        return get_family(self.model, power=self.power)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

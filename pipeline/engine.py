@@ -37,7 +37,7 @@ import numpy as np
 from distributed import Client, Future, get_worker, wait
 
 from pipeline.errors import GradpipeError
-from pipeline.store.dataset import read_rows
+from pipeline.store.dataset import Leaf, read_rows
 
 Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, leaf position)
 Kernel = Callable[..., np.ndarray]  # kernel(X, y, *args) -> array
@@ -96,7 +96,7 @@ def _root(nodes: dict[Node, np.ndarray]) -> np.ndarray:
     return np.require(next(iter(nodes.values())), dtype=np.float64, requirements=["C", "A", "O", "W"])
 
 
-def _leaf(path: str, start: int, stop: int, key: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _leaf(path: str, start: int, stop: int, key: str | None) -> Leaf:
     """The persisted leaf from this worker's memory when it is here, else straight from Zarr."""
     if key is not None:
         try:

@@ -34,8 +34,8 @@ from pipeline.store.runs import RunStore
 
 
 # ---- kernels shipped to the workers (module level: pickled by reference) ---------------------------
-def _metrics(X, y, family: Family, theta, mean, scale, center: float) -> np.ndarray:
-    return losses.chunk_metrics(family, X, y, theta, mean, scale, center)
+def _metrics(X, y, w, offset, family: Family, theta, mean, scale, center: float) -> np.ndarray:
+    return losses.chunk_metrics(family, X, y, theta, mean, scale, center, w=w, offset=offset)
 
 
 # ---- run access ------------------------------------------------------------------------------------

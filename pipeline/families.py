@@ -58,6 +58,8 @@ class Family(ABC):
     # ``y_lower = 0.0`` (y ≥ 0), Gamma ``y_lower = 0.0, y_lower_strict = True`` (y > 0). None: no bound.
     y_lower: float | None = None
     y_lower_strict = False
+    uses_pearson = False  # the Newton pass sums the Pearson χ² terms (an estimated dispersion needs them)
+    n_y_terms = 0  # how many y-only per-row terms :meth:`y_terms` gives (their weighted sums: null deviance, AIC)
 
     # ---- pointwise math ------------------------------------------------------------------------------
     @abstractmethod
@@ -88,6 +90,14 @@ class Family(ABC):
         r = self.d1(z, y)
         acc[0] += r.sum()
         return r
+
+    def pearson(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(y − μ)²/V(μ) per row: the Pearson χ² terms (read when :attr:`uses_pearson`)."""
+        raise NotImplementedError(f"the {self.name} family estimates no dispersion from Pearson's χ²")
+
+    def y_terms(self, y: np.ndarray) -> np.ndarray:
+        """(n_y_terms, n) per-row quantities of y alone, whose weighted sums the Newton pass returns."""
+        return np.empty((0, len(y)))
 
     # ---- the target ------------------------------------------------------------------------------------
     def invalid_y(self, y: np.ndarray) -> np.ndarray:
@@ -125,7 +135,7 @@ class Family(ABC):
 
     # ---- metrics: additive sums per chunk, finished on the driver ---------------------------------------
     @abstractmethod
-    def metric_sums(self, z: np.ndarray, y: np.ndarray, center: float) -> np.ndarray:
+    def metric_sums(self, z: np.ndarray, y: np.ndarray, center: float, w: np.ndarray | None = None) -> np.ndarray:
         """``[Σ ℓ(z, y), Σ ℓ(z0, y)]`` plus the family's own sums; z0 is the intercept-only model's z, for
         ``center`` the mean of y."""
 
@@ -190,7 +200,7 @@ class Gaussian(Family):
     def auto_solver(self, n_features: int) -> str:
         return "exact" if n_features <= NEWTON_MAX_FEATURES else "lbfgs"
 
-    def metric_sums(self, z, y, center):
+    def metric_sums(self, z, y, center, w=None):
         r = z - y
         c = y - center
         return np.array([0.5 * (r @ r), 0.5 * (c @ c)])
@@ -285,7 +295,7 @@ class Binomial(Family):
     def y_outside_count(self, summary: TargetStats | None) -> int | None:
         return None if summary is None else summary.n_not_binary
 
-    def metric_sums(self, z, y, center):
+    def metric_sums(self, z, y, center, w=None):
         """Σ log-loss, Σ log-loss of the intercept-only model, #correct, and the logit histograms of the two
         classes that ROC AUC is computed from (see ``pipeline.evaluate``). Class 1 iff z > 0 (p > 0.5), the
         tie rule of sklearn's ``LogisticRegression.predict``."""
@@ -321,7 +331,8 @@ class Binomial(Family):
 FAMILIES: dict[str, Family] = {f.name: f for f in (Gaussian(), Binomial())}
 
 
-def get_family(family: str | Family) -> Family:
+def get_family(family: str | Family, power: float | None = None) -> Family:
+    """The family object for a name (``power``: the Tweedie power, ignored by families without one)."""
     if isinstance(family, Family):
         return family
     try:

@@ -35,6 +35,23 @@ class InProcessEngine:
         self.persisted = True
         self._leaves = [read_rows(store, a, b) for a, b in self.layout.bounds]
 
+    @classmethod
+    def of_arrays(cls, X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, offset: np.ndarray | None = None,
+                  *, chunk_rows: int | None = None, fan_in: int = 8) -> InProcessEngine:
+        """An engine over in-memory arrays, split into leaves of ``chunk_rows`` rows (default: one leaf):
+        the objective's passes on data that never was a store (tests of solvers; small experiments)."""
+        self = cls.__new__(cls)
+        n, d = X.shape
+        self.store, self.fan_in, self.n_rows, self.name, self.persisted = "<arrays>", fan_in, n, "arrays", True
+        self.layout = ChunkLayout.regular(n, chunk_rows or max(n, 1), d, X.dtype.itemsize)
+        self.nbytes = X.nbytes + y.nbytes
+
+        def part(a, lo, hi):
+            return None if a is None else np.ascontiguousarray(a[lo:hi], dtype=np.float64)
+        self._leaves = [(np.ascontiguousarray(X[a:b]), np.ascontiguousarray(y[a:b]), part(w, a, b), part(offset, a, b))
+                        for a, b in self.layout.bounds]
+        return self
+
     def map_reduce(self, kernel: Kernel, *args: Any, positions: list[int] | None = None,
                    combine: Combine = add, result_bytes: int = 0) -> np.ndarray:
         """``kernel(X_k, y_k, *args)`` over all leaves (or ``positions``), combined up the fixed tree; sums are

@@ -28,7 +28,7 @@ from pipeline.families import Family, expit, get_family
 from pipeline.problem import check_scaling
 
 __all__ = ["chunk_sums", "chunk_newton", "chunk_qr", "qr_combine", "chunk_gram", "chunk_predict",
-           "chunk_metrics", "chunk_invalid_y", "newton_layout", "expit"]
+           "chunk_metrics", "chunk_invalid_y", "newton_layout", "linear_predictor", "expit"]
 
 DEFAULT_BLOCK_ROWS = 8192  # chunk_predict / chunk_metrics
 SUMS_BLOCK_BYTES = 2**21  # chunk_sums / chunk_gram / chunk_newton: X per block (see _sums_block_rows)
@@ -77,12 +77,16 @@ def _blocks(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
 
 
 def chunk_sums(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
-               block_rows: int | None = None) -> np.ndarray:
-    """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, n_rows]``.
+               block_rows: int | None = None, *, w: np.ndarray | None = None,
+               offset: np.ndarray | None = None) -> np.ndarray:
+    """Summed gradient and loss of one chunk: ``[grad_sum_w (d), grad_sum_b, loss_sum, Σw]`` (Σw: the row
+    count when there are no weights).
 
     The gradient is w.r.t. the standardized θ: ``grad_w = (X^T r - mean * sum(r)) / scale``,
     ``grad_b = sum(r)``. X is read from memory once: per row block, ``z = X_b @ w`` (BLAS), the family's
     fused residual r = ℓ'(z) and loss in preallocated buffers, then ``X_b^T r`` while the block is in cache.
+    With sample weights r and ℓ are weighted per row (r = wᵢℓ'ᵢ); an offset is added to z. Without them the
+    arithmetic is exactly the unweighted one (same bits as a dataset that never had them).
     """
     fam = get_family(family)
     X, y = _check_X(X, y)
@@ -108,7 +112,17 @@ def chunk_sums(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.nda
                 np.copyto(yb, y[start:stop], casting="unsafe")
             z = zbuf[:k]
             np.dot(Xb, w_eff, out=z)
-            r = fam.residual(z, yb, b_eff, acc, *(e[:k] for e in extra))
+            if offset is not None:
+                z += offset[start:stop]
+            if w is None:
+                r = fam.residual(z, yb, b_eff, acc, *(e[:k] for e in extra))
+            else:
+                z += b_eff
+                wb = w[start:stop]
+                acc[1] += wb @ fam.loss(z, yb)
+                r = fam.d1(z, yb)
+                r *= wb
+                acc[0] += r.sum()
             np.dot(r, Xb, out=part)  # X_b^T r: the same block, still in cache
             xtr += part
     sum_r = float(acc[0])
@@ -116,25 +130,29 @@ def chunk_sums(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.nda
     out[:d] = (xtr - m * sum_r) / s
     out[d] = sum_r
     out[d + 1] = acc[1]
-    out[d + 2] = n
+    out[d + 2] = n if w is None else float(np.sum(w))
     return out
 
 
-def newton_layout(n_params: int) -> dict[str, slice]:
-    """Where :func:`chunk_newton` puts what in its flat result."""
-    p = n_params
+def newton_layout(n_params: int, n_y_terms: int = 0) -> dict[str, slice]:
+    """Where :func:`chunk_newton` puts what in its flat result: the gradient, loss, Σw, Σwy, the rows with
+    w > 0, Σ w·pearson (the family's Pearson χ² terms, for an estimated dispersion), the sums of the family's
+    y-only terms (null deviance, AIC) and the weighted Gram."""
+    p, k = n_params, n_y_terms
     return {"grad": slice(0, p), "loss": slice(p, p + 1), "n": slice(p + 1, p + 2), "sum_y": slice(p + 2, p + 3),
-            "gram": slice(p + 3, p + 3 + p * p)}
+            "rows": slice(p + 3, p + 4), "pearson": slice(p + 4, p + 5), "y_terms": slice(p + 5, p + 5 + k),
+            "gram": slice(p + 5 + k, p + 5 + k + p * p)}
 
 
 def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
-                 block_rows: int | None = None) -> np.ndarray:
+                 block_rows: int | None = None, *, w: np.ndarray | None = None,
+                 offset: np.ndarray | None = None) -> np.ndarray:
     """Value, gradient and weighted Gram of one chunk, flat (see :func:`newton_layout`).
 
-    Per row block, in one cache-sized buffer: the centred block ``C = [X - mean, 1]``, ``z = C·[w/scale, b]``,
-    ℓ, ℓ', ℓ'' from the family at once, ``Cᵀℓ'``, then C scaled in place by √ℓ'' and ``Σ ℓ''·c cᵀ`` by BLAS
-    ``syrk`` (half the flops of a general product). The 1/scale of the standardization is applied once to the
-    (d+1)-vector and the (d+1)² matrix at the end, not to every row.
+    Per row block, in one cache-sized buffer: the centred block ``C = [X - mean, 1]``, ``z = C·[w/scale, b]``
+    (+ offset), ℓ, ℓ', ℓ'' from the family at once (times the sample weights), ``Cᵀℓ'``, then C scaled in
+    place by √ℓ'' and ``Σ ℓ''·c cᵀ`` by BLAS ``syrk`` (half the flops of a general product). The 1/scale of
+    the standardization is applied once to the (d+1)-vector and the (d+1)² matrix at the end, not to every row.
     """
     fam = get_family(family)
     X, y = _check_X(X, y)
@@ -147,28 +165,52 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
     C = np.empty((rows, p))
     G = np.zeros((p, p), order="F")
     theta_c = np.append(theta[:d] / s, theta[d])
-    grad, loss_sum, sum_y = np.zeros(p), 0.0, 0.0
+    grad, loss_sum, sum_y, pearson = np.zeros(p), 0.0, 0.0, 0.0
+    y_terms = np.zeros(fam.n_y_terms)
     for start, stop in _blocks(n, block_rows):
         Cb = C[: stop - start]  # scaled in place below: every column is refilled
         np.subtract(X[start:stop], m, out=Cb[:, :d])  # also upcasts a float32 chunk
         Cb[:, d] = 1.0
         yb = np.asarray(y[start:stop], dtype=np.float64)
-        loss, r, w = fam.derivatives(Cb @ theta_c, yb)
-        loss_sum += float(loss.sum())
-        sum_y += float(yb.sum())
+        z = Cb @ theta_c
+        if offset is not None:
+            z += offset[start:stop]
+        loss, r, h = fam.derivatives(z, yb)
+        if w is None:
+            loss_sum += float(loss.sum())
+            sum_y += float(yb.sum())
+            if fam.uses_pearson:
+                pearson += float(fam.pearson(z, yb).sum())
+            if fam.n_y_terms:
+                y_terms += fam.y_terms(yb).sum(axis=1)
+        else:
+            wb = w[start:stop]
+            loss_sum += float(wb @ loss)
+            sum_y += float(wb @ yb)
+            if fam.uses_pearson:
+                pearson += float(wb @ fam.pearson(z, yb))
+            if fam.n_y_terms:
+                y_terms += fam.y_terms(yb) @ wb
+            r *= wb
+            h *= wb
         grad += r @ Cb
-        np.sqrt(w, out=w)
-        Cb *= w[:, None]
+        np.sqrt(h, out=h)
+        Cb *= h[:, None]
         # C-ordered (k, p) is Fortran (p, k): syrk of it, trans=0, is Cbᵀ Cb without a copy
         G = blas.dsyrk(1.0, Cb.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
     unscale = np.append(1.0 / s, 1.0)
     G = np.triu(G) + np.triu(G, 1).T
     G *= np.outer(unscale, unscale)
-    return np.concatenate([grad * unscale, [loss_sum, n, sum_y], G.ravel()])
+    n_w, rows = (n, n) if w is None else (float(np.sum(w)), np.count_nonzero(w))
+    return np.concatenate([grad * unscale, [loss_sum, n_w, sum_y, rows, pearson], y_terms, G.ravel()])
 
 
-def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: int = QR_BLOCK_ROWS) -> np.ndarray:
+def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: int = QR_BLOCK_ROWS, *,
+             w: np.ndarray | None = None, offset: np.ndarray | None = None) -> np.ndarray:
     """The (d+2)×(d+2) upper-triangular R of ``[1 | (X - mean)/scale | y]`` for one chunk.
+
+    Weighted least squares is least squares on rows scaled by √wᵢ (ones column and target included); an
+    offset is subtracted from the target (z = Xθ + offset fits y ⇔ Xθ fits y − offset).
 
     Householder QR, block by block: each cache-sized block B is folded into the running R by LAPACK's
     triangular-pentagonal QR (``tpqrt``: the QR of ``[R; B]`` that keeps R's triangle), so the chunk is read
@@ -192,6 +234,10 @@ def chunk_qr(X: np.ndarray, y: np.ndarray, mean=None, scale=None, block_rows: in
         Bt[1:d + 1] = X[start:stop].T
         Bt[1:d + 1] -= m[:, None]
         Bt[d + 1] = y[start:stop]
+        if offset is not None:
+            Bt[d + 1] -= offset[start:stop]
+        if w is not None:
+            Bt *= np.sqrt(w[start:stop])
         R, _, _, info = lapack.dtpqrt(0, min(QR_NB, q), R, Bt.T, overwrite_a=1, overwrite_b=1)
         if info != 0:
             raise RuntimeError(f"LAPACK dtpqrt failed (info={info})")
@@ -211,8 +257,9 @@ def qr_combine(parts: list[np.ndarray]) -> np.ndarray:
     return np.triu(R)
 
 
-def chunk_gram(X: np.ndarray, mean=None, scale=None, block_rows: int | None = None) -> np.ndarray:
-    """``sum_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the curvature for ``--lr auto``.
+def chunk_gram(X: np.ndarray, mean=None, scale=None, block_rows: int | None = None, *,
+               w: np.ndarray | None = None) -> np.ndarray:
+    """``sum_i w_i a_i a_i^T`` with ``a = [(x - mean)/scale, 1]``: bounds the curvature for ``--lr auto``.
 
     Each block is centred on its own (not via ``X^T X - n mean mean^T``) to avoid catastrophic
     cancellation when |mean| >> scale; the scaling is applied once at the end.
@@ -227,42 +274,56 @@ def chunk_gram(X: np.ndarray, mean=None, scale=None, block_rows: int | None = No
     for start, stop in _blocks(n, block_rows):
         Cb = buf[: stop - start]
         np.subtract(X[start:stop], m, out=Cb)  # also upcasts a float32 chunk, one block at a time
-        cross += Cb.T @ Cb
-        colsum += ones[: stop - start] @ Cb
+        if w is None:
+            cross += Cb.T @ Cb
+            colsum += ones[: stop - start] @ Cb
+        else:
+            wb = w[start:stop]
+            cross += (Cb * wb[:, None]).T @ Cb
+            colsum += wb @ Cb
     g = np.empty((d + 1, d + 1))
     g[:d, :d] = cross / np.outer(s, s)
     g[:d, d] = colsum / s
     g[d, :d] = g[:d, d]
-    g[d, d] = n
+    g[d, d] = n if w is None else float(np.sum(w))
     return g
 
 
-def _linear_predictor(X: np.ndarray, theta: np.ndarray, mean, scale) -> np.ndarray:
+def linear_predictor(X: np.ndarray, theta: np.ndarray, mean, scale, offset: np.ndarray | None = None) -> np.ndarray:
+    """z = X_std·w + b (+ offset), block by block."""
     X, _ = _check_X(X)
     theta = _check_theta(theta, X.shape[1])
     w_eff, b_eff, _, _ = _effective(theta, mean, scale)
     z = np.empty(X.shape[0])
     for start, stop in _blocks(X.shape[0], DEFAULT_BLOCK_ROWS):
         z[start:stop] = np.asarray(X[start:stop], dtype=np.float64) @ w_eff + b_eff
+    if offset is not None:
+        z += offset
     return z
 
 
-def chunk_predict(family: str | Family, X: np.ndarray, theta: np.ndarray, mean=None, scale=None) -> np.ndarray:
+def chunk_predict(family: str | Family, X: np.ndarray, theta: np.ndarray, mean=None, scale=None,
+                  offset: np.ndarray | None = None) -> np.ndarray:
     """Predictions on the response scale (the family's inverse link of z)."""
-    return get_family(family).inverse_link(_linear_predictor(X, theta, mean, scale))
+    return get_family(family).inverse_link(linear_predictor(X, theta, mean, scale, offset))
 
 
 def chunk_metrics(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
-                  center: float = 0.0) -> np.ndarray:
-    """``[n, *family.metric_sums(z, y, center)]``: additive, finished by ``family.metrics``."""
+                  center: float = 0.0, *, w: np.ndarray | None = None, offset: np.ndarray | None = None) -> np.ndarray:
+    """``[Σw, *family.metric_sums(z, y, center, w)]``: additive, finished by ``family.metrics``."""
     fam = get_family(family)
     X, y = _check_X(X, y)
-    z = _linear_predictor(X, theta, mean, scale)
+    z = linear_predictor(X, theta, mean, scale, offset)
+    n = X.shape[0] if w is None else float(np.sum(w))
     with np.errstate(under="ignore"):
-        return np.concatenate([[X.shape[0]], fam.metric_sums(z, np.asarray(y, dtype=np.float64), center)])
+        return np.concatenate([[n], fam.metric_sums(z, np.asarray(y, dtype=np.float64), center, w)])
 
 
-def chunk_invalid_y(family: str | Family, y: np.ndarray) -> np.ndarray:
-    """``[#targets outside the family's domain, n, Σ y]``: a count survives the tree exactly."""
+def chunk_invalid_y(family: str | Family, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """``[#targets outside the family's domain, Σw, Σ wy]`` (w = 1 without weights): a count survives the
+    tree exactly."""
     y = np.asarray(y, dtype=np.float64)
-    return np.array([np.count_nonzero(get_family(family).invalid_y(y)), len(y), y.sum()], dtype=np.float64)
+    bad = np.count_nonzero(get_family(family).invalid_y(y))
+    if w is None:
+        return np.array([bad, len(y), y.sum()], dtype=np.float64)
+    return np.array([bad, np.sum(w), w @ y], dtype=np.float64)

@@ -17,34 +17,36 @@ from pipeline.problem import Problem
 
 
 # ---- kernels shipped to the workers (module level: pickled by reference) ---------------------------
-def _sums(X, y, family: Family, theta, mean, scale) -> np.ndarray:
-    return losses.chunk_sums(family, X, y, theta, mean, scale)
+# A leaf is (X, y, w, offset); w and offset are None for a dataset without them.
+def _sums(X, y, w, offset, family: Family, theta, mean, scale) -> np.ndarray:
+    return losses.chunk_sums(family, X, y, theta, mean, scale, w=w, offset=offset)
 
 
-def _newton(X, y, family: Family, theta, mean, scale) -> np.ndarray:
-    return losses.chunk_newton(family, X, y, theta, mean, scale)
+def _newton(X, y, w, offset, family: Family, theta, mean, scale) -> np.ndarray:
+    return losses.chunk_newton(family, X, y, theta, mean, scale, w=w, offset=offset)
 
 
-def _qr(X, y, mean, scale) -> np.ndarray:
-    return losses.chunk_qr(X, y, mean, scale)
+def _qr(X, y, w, offset, mean, scale) -> np.ndarray:
+    return losses.chunk_qr(X, y, mean, scale, w=w, offset=offset)
 
 
-def _gram(X, y, mean, scale) -> np.ndarray:
-    return losses.chunk_gram(X, mean, scale)
+def _gram(X, y, w, offset, mean, scale) -> np.ndarray:
+    return losses.chunk_gram(X, mean, scale, w=w)
 
 
-def invalid_targets(X, y, family: Family) -> np.ndarray:
-    """``[#targets outside the family's domain, n, Σ y]`` of a leaf (training's check, evaluate's too)."""
-    return losses.chunk_invalid_y(family, y)
+def invalid_targets(X, y, w, offset, family: Family) -> np.ndarray:
+    """``[#targets outside the family's domain, Σw, Σ wy]`` of a leaf (training's check, evaluate's too)."""
+    return losses.chunk_invalid_y(family, y, w)
 
 
 class ClusterObjective:
     """L(θ) = mean loss + penalty of ``problem``, evaluated by the engine; counts passes over the data."""
 
-    def __init__(self, engine: ChunkEngine, problem: Problem):
+    def __init__(self, engine: ChunkEngine, problem: Problem, weight_sum: float | None = None):
         self.engine, self.problem = engine, problem
         self.n_chunks = len(engine.layout)
         self.n_rows = engine.n_rows
+        self.weight_sum = float(engine.n_rows if weight_sum is None else weight_sum)  # Σw: what means divide by
         self.passes = 0.0
         self._bound: np.ndarray | None = None
 
@@ -72,17 +74,19 @@ class ClusterObjective:
         return self.problem.finish(sums[-2], sums[:-2], sums[-1], theta)
 
     def newton(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, dict[str, float]]:
-        """Value, gradient, Hessian of L at θ, and the raw sums inference needs (``gram_sum``, ``n``,
-        ``sum_y``): one pass."""
+        """Value, gradient, Hessian of L at θ, and the raw sums inference needs (``gram_sum``; ``n`` = Σw,
+        ``rows`` with w > 0, ``sum_y`` = Σwy, ``pearson``, ``y_terms``: see ``losses.newton_layout``): one pass."""
         self.passes += 1
         fam, mean, scale = self._args
         flat = self.engine.map_reduce(_newton, fam, theta, mean, scale, result_bytes=self._gram_bytes)
-        at = losses.newton_layout(self.problem.n_params)
+        at = losses.newton_layout(self.problem.n_params, fam.n_y_terms)
         p, n = self.problem.n_params, float(flat[at["n"]][0])
         gram_sum = flat[at["gram"]].reshape(p, p)
         loss, grad = self.problem.finish(float(flat[at["loss"]][0]), flat[at["grad"]], n, theta)
-        return loss, grad, self.problem.hessian(gram_sum, n), {"gram_sum": gram_sum, "n": n,
-                                                              "sum_y": float(flat[at["sum_y"]][0])}
+        info = {"gram_sum": gram_sum, "n": n, "sum_y": float(flat[at["sum_y"]][0]),
+                "rows": float(flat[at["rows"]][0]), "pearson": float(flat[at["pearson"]][0]),
+                "y_terms": flat[at["y_terms"]].copy()}
+        return loss, grad, self.problem.hessian(gram_sum, n), info
 
     def r_factor(self) -> np.ndarray:
         """R of ``[1 | X_std | y]`` over all rows: TSQR up the fixed tree, one pass."""
@@ -96,11 +100,11 @@ class ClusterObjective:
             self.passes += 1
             _, mean, scale = self._args
             gram = self.engine.map_reduce(_gram, mean, scale, result_bytes=self._gram_bytes)
-            gram /= self.n_rows  # in place: the pass's result is ours, and d² floats can be a GB
+            gram /= self.weight_sum  # in place: the pass's result is ours, and d² floats can be a GB
             self._bound = self.problem.hessian_bound(gram)
         return self._bound
 
-    def target_summary(self) -> tuple[int, int, float]:
-        """(#targets outside the family's domain, n, Σ y): a check, not a solver pass (not counted)."""
+    def target_summary(self) -> tuple[int, float, float]:
+        """(#targets outside the family's domain, Σw, Σ wy): a check, not a solver pass (not counted)."""
         bad, n, sum_y = self.engine.map_reduce(invalid_targets, self.problem.family)
-        return int(bad), int(n), float(sum_y)
+        return int(bad), float(n), float(sum_y)

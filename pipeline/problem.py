@@ -1,9 +1,10 @@
 """The problem a solver solves: family + penalty + standardization (pure NumPy).
 
 Solvers and kernels receive a :class:`Problem`, never the user's config: what the objective is and in which
-coordinates θ lives. The objective is ``L(θ) = Σ ℓ(z_i, y_i)/n + penalty(θ)`` with
-``z = [(x − mean)/scale, 1]·θ``; kernels return sums, and :meth:`Problem.finish` turns reduced sums into the
-mean objective, its gradient and (for Newton) its Hessian.
+coordinates θ lives. The objective is ``L(θ) = Σ wᵢ ℓ(zᵢ, yᵢ)/Σ wᵢ + penalty(θ)`` with
+``z = [(x − mean)/scale, 1]·θ + offset`` (w = 1 and offset = 0 for a dataset without them); kernels return
+sums, and :meth:`Problem.finish` turns reduced sums into the mean objective, the gradient of its smooth part
+and (for Newton) its Hessian.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.families import Family, get_family
-from pipeline.penalty import L2
+from pipeline.penalty import ElasticNet
 
 
 def check_scaling(d: int, mean: np.ndarray | None, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -56,23 +57,25 @@ def original_jacobian(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Problem:
     family: Family
-    penalty: L2
+    penalty: ElasticNet
     mean: np.ndarray = field(repr=False)
     scale: np.ndarray = field(repr=False)
     feature_names: tuple[str, ...] = ()  # for messages only
 
     @classmethod
-    def of(cls, family: str | Family, n_features: int, *, l2: float = 0.0, mean: np.ndarray | None = None,
-           scale: np.ndarray | None = None, feature_names: list[str] | tuple[str, ...] = ()) -> Problem:
+    def of(cls, family: str | Family, n_features: int, *, l1: float = 0.0, l2: float = 0.0,
+           power: float | None = None, mean: np.ndarray | None = None, scale: np.ndarray | None = None,
+           feature_names: list[str] | tuple[str, ...] = ()) -> Problem:
         m, s = check_scaling(n_features, mean, scale)
-        return cls(get_family(family), L2(float(l2)), m, s, tuple(feature_names))
+        return cls(get_family(family, power=power), ElasticNet(float(l1), float(l2)), m, s, tuple(feature_names))
 
     @property
     def n_params(self) -> int:
         return len(self.scale) + 1
 
     def finish(self, loss_sum: float, grad_sum: np.ndarray, n: float, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """Reduced sums → (mean loss + penalty, its gradient)."""
+        """Reduced sums → (mean loss + penalty, the gradient of the smooth part); ``n`` is Σw (the row count
+        for an unweighted dataset)."""
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         theta = np.asarray(theta, dtype=np.float64)
@@ -94,6 +97,10 @@ class Problem:
         H = gram_mean * self.family.curvature_bound
         H[np.diag_indices_from(H)] += self.penalty.hess_diag(self.scale)
         return H
+
+    def min_norm_subgradient(self, theta: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """What stopping rules measure: ``grad`` itself for a smooth penalty (see ``ElasticNet``)."""
+        return self.penalty.min_norm_subgradient(theta, grad, self.scale)
 
     def to_original(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
         return to_original(theta, self.mean, self.scale)

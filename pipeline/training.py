@@ -113,7 +113,7 @@ def new_run_id(dataset: str) -> str:
 def problem_for(config: TrainConfig, ds) -> Problem:
     """The problem a config poses on a dataset (the standardization from the ingest statistics)."""
     mean, scale = (ds.stats.mean, ds.stats.scale()) if config.standardize else (None, None)
-    return Problem.of(config.model, ds.n_features, l2=config.l2, mean=mean, scale=scale,
+    return Problem.of(config.family, ds.n_features, l1=config.l1, l2=config.l2, mean=mean, scale=scale,
                       feature_names=ds.feature_names)
 
 
@@ -301,7 +301,7 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
         config.time_budget = time_budget
     config.validate()
     mean, scale = store.dataset.arrays()  # the run's own standardization (None: the identity)
-    problem = Problem.of(config.model, ds.n_features, l2=config.l2, mean=mean, scale=scale,
+    problem = Problem.of(config.family, ds.n_features, l1=config.l1, l2=config.l2, mean=mean, scale=scale,
                          feature_names=ds.feature_names)
     begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", store=store)
     return _fit(client, ds, config, problem, begin, on_iteration)

@@ -324,7 +324,7 @@ def test_streamed_gram_passes_give_the_bits_of_one_task_per_worker(dataset, clie
     np.testing.assert_allclose(whole[:-1, :-1], X.T @ X, rtol=1e-9)
 
 
-def _gram_of_x(X, y):
+def _gram_of_x(X, y, w, offset):
     from pipeline.losses import chunk_gram
 
     return chunk_gram(X)

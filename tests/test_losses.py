@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, r2_sco
 
 from pipeline import losses as L
 from pipeline.families import get_family
-from pipeline.penalty import L2
+from pipeline.penalty import ElasticNet
 from pipeline.problem import Problem, from_original, to_original
 
 
@@ -34,7 +34,7 @@ def mean_loss_and_grad(model, sums, n, theta, l2=0.0, scale=None):
 
 def penalty(theta, l2, scale=None):
     s = np.ones(len(theta) - 1) if scale is None else scale
-    return L2(l2).value(theta, s), L2(l2).grad(theta, s)
+    return ElasticNet(l2=l2).value(theta, s), ElasticNet(l2=l2).grad(theta, s)
 
 EPS = np.finfo(np.float64).eps
 REPO = Path(__file__).resolve().parents[1]

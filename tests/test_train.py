@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +229,7 @@ def test_engines_on_one_cluster_never_share_a_key(client, tmp_path):
     from pipeline.engine import ChunkEngine
     from pipeline.estimators import write_dataset
     from pipeline.losses import chunk_sums
+    from pipeline.objective import _sums
     from pipeline.store.dataset import open_dataset
 
     theta = np.zeros(D + 1)
@@ -244,5 +244,5 @@ def test_engines_on_one_cluster_never_share_a_key(client, tmp_path):
         data.append((X, y))
     for engine, (X, y) in zip(engines, data, strict=True):
         # sums over 4 leaves against one sum over all rows: equal up to rounding (1e-10 relative)
-        np.testing.assert_allclose(engine.map_reduce(partial(chunk_sums, "linear"), theta),
+        np.testing.assert_allclose(engine.map_reduce(_sums, "linear", theta, None, None),
                                    chunk_sums("linear", X, y, theta), rtol=1e-10)

@@ -43,6 +43,12 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--history", type=int, default=d.history, help=f"lbfgs memory (default {d.history} pairs)")
     p.add_argument("--l2", type=float, default=d.l2, help="L2 penalty λ: adds (λ/2)·‖w‖² on original-scale "
                                                           "weights (intercept unpenalized)")
+    p.add_argument("--l1", type=float, default=d.l1, help="L1 penalty λ₁: adds λ₁·‖w‖₁ on original-scale weights "
+                                                          "(lasso; with --l2: elastic net); exact zeros")
+    p.add_argument("--alpha", type=float, default=None, help="elastic-net strength in glum/scikit-learn terms: "
+                   "alpha·(R‖w‖₁ + (1−R)/2‖w‖²), i.e. --l1 alpha·R --l2 alpha·(1−R)")
+    p.add_argument("--l1-ratio", type=float, default=None, help="R in --alpha's formula (default 0: ridge)")
+    p.add_argument("--power", type=float, default=d.power, help=f"Tweedie power p, 1 < p < 2 (default {d.power})")
     p.add_argument("--max-iter", type=int, help=f"iterations (default {d.max_iter}; on --resume: the new total)")
     p.add_argument("--tol", type=float, default=d.tol, help="stop when the relative loss change falls below "
                                                             "(default 1e-12; sgd: 1e-4 per epoch; newton: when a "
@@ -95,7 +101,6 @@ def _loss_curve(run_uri: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
     from pipeline.errors import GradpipeError
-    from pipeline.families import get_family
     from pipeline.progress import TrainProgress, wanted
     from pipeline.store.dataset import read_info
     from pipeline.training import check_new_run_id, check_resumable, check_target_domain, resume, train
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         config = _config(args).validate()
         # a missing or wrong dataset fails before a cluster starts, and so does a target outside --model's domain
-        check_target_domain(read_info(args.dataset), get_family(config.model))  # a target it cannot fit too
+        check_target_domain(read_info(args.dataset), config.family)  # a target it cannot fit too
         if args.run_id:
             check_new_run_id(args.run_id, args.runs_dir)  # so does a run id that is taken
         max_iter = config.max_iter

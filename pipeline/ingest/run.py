@@ -367,7 +367,7 @@ def _write_segments(store: str, chunk: int, chunk_rows: int, segments: list) -> 
     parts = []
     for src, lo, hi in segments:
         if src is None:
-            parts.append(read_rows(store, lo, hi))
+            parts.append(read_rows(store, lo, hi)[:2])
         else:
             assert isinstance(src, Parsed)
             parts.append((src.XT[:, lo:hi].T, src.y[lo:hi]))

@@ -30,6 +30,7 @@ class Stalled(Exception):  # noqa: N818 - a stop, not an error
 class Objective(Protocol):
     n_chunks: int
     n_rows: int
+    weight_sum: float  # Σw (the row count without sample weights): what the mean loss divides by
     passes: float
 
     def value_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]: ...
@@ -109,7 +110,7 @@ class Solver(ABC):
 
     def gradient_small(self, row: Row) -> str | None:
         """‖minimum-norm subgradient‖ ≤ gtol (the gradient itself for a smooth penalty)."""
-        g = self.problem.penalty.min_norm_subgradient(row.theta, row.grad)
+        g = self.problem.min_norm_subgradient(row.theta, row.grad)
         if float(np.linalg.norm(g)) <= self.opt.gtol:
             return f"gradient norm ≤ gtol ({self.opt.gtol:g})"
         return None

@@ -62,15 +62,15 @@ class Exact(Solver):
         rss = float(e @ e) + float(self.R[-1, -1]) ** 2
         grad = np.empty(d + 1)
         grad[p] = R11.T @ e
-        return self.problem.finish(0.5 * rss, grad, self.obj.n_rows, theta)
+        return self.problem.finish(0.5 * rss, grad, self.obj.weight_sum, theta)
 
     def solve(self) -> np.ndarray:
         """The (penalized) least-squares θ from R."""
         d = self.n_params - 1
         R11, r = self.R[:-1, :-1], self.R[:-1, -1]
-        lam, scale = self.problem.penalty.lam, self.problem.scale
+        lam, scale = self.problem.penalty.l2, self.problem.scale
         if lam > 0:
-            D = np.diag(np.concatenate([[0.0], np.sqrt(self.obj.n_rows * lam) / scale]))
+            D = np.diag(np.concatenate([[0.0], np.sqrt(self.obj.weight_sum * lam) / scale]))
             R11, r = np.vstack([R11, D]), np.concatenate([r, np.zeros(d + 1)])
         beta, _, rank, _ = np.linalg.lstsq(R11, r, rcond=None)
         if rank < d + 1:

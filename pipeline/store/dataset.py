@@ -136,11 +136,18 @@ def chunk_files(path: Path, index: int) -> list[Path]:
             for name in ("X", "y")]
 
 
-def read_rows(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[start, stop)`` of X and y; a chunk that fails to decode (checksum, blosc) names itself."""
+Leaf = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+
+
+def read_rows(path: str, start: int, stop: int) -> Leaf:
+    """Rows ``[start, stop)`` of X, y, the sample weights w and the offsets (None for a dataset without
+    them); a chunk that fails to decode (checksum, blosc) names itself."""
     group = zarr.open_group(path, mode="r")
     out = []
-    for name in ("X", "y"):
+    for name in ("X", "y", "w", "offset"):
+        if name not in ("X", "y") and name not in group:
+            out.append(None)
+            continue
         arr = group[name]
         try:
             out.append(arr[start:stop])
@@ -149,7 +156,7 @@ def read_rows(path: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]
             chunks = f"chunk {first}" if first == last else f"chunks {first}-{last}"
             raise GradpipeError(f"dataset {path}: array {name} {chunks} (rows {start}-{stop - 1}) is corrupted "
                                 f"({type(exc).__name__}: {exc}); re-ingest it with --replace.") from None
-    return out[0], out[1]
+    return out[0], out[1], out[2], out[3]
 
 
 def missing_chunks(path: str, info: DatasetInfo) -> list[str]:
