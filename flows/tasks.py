@@ -39,7 +39,7 @@ def ingest_task(settings: dict[str, Any], address: str) -> dict[str, Any]:
     log = get_run_logger()
     with dask_client(address, announce=False) as client:
         result = ingest(s.raw, s.dataset, s.target, client, chunk_mb=s.chunk_mb, dtype=s.dtype,
-                        on_invalid=s.on_invalid)
+                        on_invalid=s.on_invalid, weight=s.weight or None, offset=s.offset or None)
     log.info("dataset %s: %d rows × %d features; %d new file(s), %d already ingested", result.dataset,
              result.n_rows, result.n_features, len(result.appended_files), len(result.skipped_files))
     return result.to_json()

@@ -23,6 +23,9 @@ _EXPORTS = {
     "predict_file": "pipeline.predict",
     "LinearRegression": "pipeline.estimators",
     "LogisticRegression": "pipeline.estimators",
+    "PoissonRegressor": "pipeline.estimators",
+    "GammaRegressor": "pipeline.estimators",
+    "TweedieRegressor": "pipeline.estimators",
 }
 
 

@@ -191,7 +191,8 @@ atexit.register(close_shared_client)
 class _GradpipeModel(BaseEstimator):
     _model = "linear"
 
-    def __init__(self, *, solver: str = "auto", lr: float | str = "auto", l2: float = 0.0, max_iter: int = 500,
+    def __init__(self, *, solver: str = "auto", lr: float | str = "auto", l2: float = 0.0, l1: float = 0.0,
+                 alpha: float | None = None, l1_ratio: float | None = None, max_iter: int = 500,
                  tol: float | None = None, gtol: float = 1e-8, standardize: bool = True, beta: float = 0.9,
                  history: int = 10,
                  batch_chunks: int = 1, schedule: str = "adaptive", power_t: float = 0.25,
@@ -199,6 +200,7 @@ class _GradpipeModel(BaseEstimator):
                  seed: int = 0, fan_in: int = 8, persist: str = "auto", chunk_rows: int | None = None, client=None,
                  runs_dir: str | Path | None = None):
         self.solver, self.lr, self.l2, self.max_iter, self.tol, self.gtol = solver, lr, l2, max_iter, tol, gtol
+        self.l1, self.alpha, self.l1_ratio = l1, alpha, l1_ratio
         self.standardize, self.beta, self.batch_chunks, self.schedule = standardize, beta, batch_chunks, schedule
         self.history = history
         self.power_t, self.early_stopping, self.validation_fraction = power_t, early_stopping, validation_fraction
@@ -225,9 +227,11 @@ class _GradpipeModel(BaseEstimator):
         """Hook: the 0/1 (logistic) or float (linear) target to store."""
         return y
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None, offset=None):
+        """Fit on X (n, d) and y (n,); ``sample_weight`` (n,) and ``offset`` (n,, added to the linear predictor)
+        are optional, as in scikit-learn and glum."""
         config = self._config()
-        return self._fit(X, y, config, self._client(X, y))
+        return self._fit(X, y, config, self._client(X, y), sample_weight, offset)
 
     def _client(self, X, y):
         """Where the fit runs: ``"inprocess"``, or a Dask client (see the module docstring)."""
@@ -247,7 +251,7 @@ class _GradpipeModel(BaseEstimator):
             return shared_client()
         return INPROCESS
 
-    def _fit(self, X, y, config, client):
+    def _fit(self, X, y, config, client, sample_weight=None, offset=None):
         from pipeline.training import train
 
         run_id = f"{type(self).__name__.lower()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -256,7 +260,7 @@ class _GradpipeModel(BaseEstimator):
         data = tmp / "data.zarr" if tmp is not None else runs_dir / "datasets" / f"{run_id}.zarr"
         try:
             data.parent.mkdir(parents=True, exist_ok=True)
-            write_dataset(data, X, self._targets(y, client), client, self.chunk_rows)
+            write_dataset(data, X, self._targets(y, client), client, self.chunk_rows, w=sample_weight, offset=offset)
             result = train(data, config, client=client, runs_dir=runs_dir, run_id=run_id)
         finally:
             if tmp is not None:
@@ -291,13 +295,14 @@ class _GradpipeModel(BaseEstimator):
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
                                  "appropriate arguments before using this estimator.")
 
-    def decision_function(self, X):
-        """X @ coef_ + intercept_ (lazy for a Dask array, NumPy otherwise)."""
+    def decision_function(self, X, offset=None):
+        """X @ coef_ + intercept_ (+ offset): lazy for a Dask array, NumPy otherwise."""
         self._check_fitted()
         X = X if _is_dask(X) else np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
-        return X @ self.coef_ + self.intercept_
+        z = X @ self.coef_ + self.intercept_
+        return z if offset is None else z + (offset if _is_dask(offset) else np.asarray(offset, dtype=np.float64))
 
 
 class LinearRegression(RegressorMixin, _GradpipeModel):
@@ -354,3 +359,57 @@ class LogisticRegression(ClassifierMixin, _GradpipeModel):
         """Mean accuracy, like sklearn's classifiers."""
         hit = (self.predict(X) == np.asarray(y)).astype(np.float64)
         return float(np.average(hit, weights=sample_weight))
+
+
+class _LogLinkRegressor(RegressorMixin, _GradpipeModel):
+    """A GLM with a log link: ``predict`` is the mean exp(X·coef_ + intercept_ + offset), ``score`` D²."""
+
+    def _targets(self, y, client):
+        return y  # the family's domain (y ≥ 0, y > 0) is checked by training, naming the first bad row
+
+    def predict(self, X, offset=None):
+        from pipeline.families import get_family
+
+        return get_family(self._model, power=getattr(self, "power", None)).inverse_link(
+            np.asarray(self.decision_function(X, offset)))
+
+    def score(self, X, y, sample_weight=None, offset=None) -> float:
+        """D² = 1 − deviance/null deviance, the fraction of deviance explained (scikit-learn's ``score`` for
+        its Poisson/Gamma/Tweedie regressors)."""
+        from pipeline.families import get_family
+
+        fam = get_family(self._model, power=getattr(self, "power", None))
+        y = np.asarray(y, dtype=np.float64)
+        w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        z = np.asarray(self.decision_function(X, offset))
+        z0 = np.full_like(z, fam.null_predictor(float(np.average(y, weights=w))))
+        return 1.0 - float(w @ fam.loss(z, y)) / float(w @ fam.loss(z0, y))
+
+
+class PoissonRegressor(_LogLinkRegressor):
+    """Poisson regression (log link): mean of w·(unit deviance/2) + elastic net, for counts or rates (give
+    ``offset=log(exposure)`` to ``fit`` and ``predict``). scikit-learn's ``PoissonRegressor(alpha=a)`` is
+    ``l2=a``; glum's ``alpha``/``l1_ratio`` are the same parameters here."""
+
+    _model = "poisson"
+
+
+class GammaRegressor(_LogLinkRegressor):
+    """Gamma regression (log link; y > 0), e.g. claim severities."""
+
+    _model = "gamma"
+
+
+class TweedieRegressor(_LogLinkRegressor):
+    """Tweedie regression with power 1 < ``power`` < 2 (log link; y ≥ 0): compound Poisson–Gamma, e.g. pure
+    premiums with exact zeros."""
+
+    _model = "tweedie"
+
+    def __init__(self, *, power: float = 1.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.power = power
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        return sorted({"power", *_GradpipeModel._get_param_names()})

@@ -27,7 +27,7 @@ from distributed import Client
 from pipeline import losses
 from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
-from pipeline.families import Family, get_family
+from pipeline.families import Family
 from pipeline.objective import invalid_targets
 from pipeline.store.dataset import open_dataset
 from pipeline.store.runs import RunStore
@@ -59,6 +59,9 @@ def load_model(run: str | Path) -> dict[str, Any]:
         "intercept": float(store.row("intercept", t)),
         "feature_names": meta.feature_names,
         "target": meta.target,
+        "power": store.config.get("power") if store.model == "tweedie" else None,
+        "offset": meta.offset,  # the offset column predictions add to z (None: none)
+        "weight": meta.weight,
         "run_id": path.name.removesuffix(".zarr"),
         "status": store.status,
         "n_iter": t,
@@ -78,7 +81,7 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
     store = RunStore.open(path)
     t = _final_row(store, path)
     meta = store.dataset
-    family = get_family(store.model)
+    family = store.family
     ds = open_dataset(dataset)
     if list(ds.feature_names) != list(meta.feature_names):
         raise GradpipeError(f"dataset {ds.path} has features {ds.feature_names}, but run {path.name} was "
@@ -86,6 +89,9 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
                             f"in the same order.")
     if ds.n_rows == 0:
         raise GradpipeError(f"dataset {ds.path} has no rows to evaluate on.")
+    if meta.offset and not getattr(ds, "offset", None):
+        raise GradpipeError(f"run {path.name} was trained with the offset column {meta.offset!r}, which dataset "
+                            f"{ds.path} lacks; ingest it with --offset {meta.offset}.")
     theta = np.asarray(store.row("theta", t), dtype=np.float64)
     mean, scale = meta.arrays()
     engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,

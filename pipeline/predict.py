@@ -131,8 +131,9 @@ def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
 
 
 def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write ``input``'s columns plus ``prediction`` (the family's mean: P(y=1) for logistic; a classifier
-    also gets ``label`` 0/1) to ``out``.
+    """Write ``input``'s columns plus ``prediction`` (the family's mean on the response scale: P(y=1) for
+    logistic, exp(z) for the log-link families; a classifier also gets ``label`` 0/1) to ``out``. A model
+    trained with an offset column needs that column in the input (z = x·coef + intercept + offset).
 
     Any ``prediction``/``label`` columns already in the input are replaced. Label 1 iff z > 0 (p > 0.5),
     the rule training's accuracy uses.
@@ -145,9 +146,11 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
         raise GradpipeError(f"input {src} does not exist.")
     features = model["feature_names"]
     coef, intercept = model["coef"], model["intercept"]
-    family = get_family(model["model"])
-    schema, batches = _batches(src, kind_in, features)
-    missing = [f for f in features if f not in schema.names]
+    family = get_family(model["model"], power=model["power"])
+    offset = model["offset"]  # the run's offset column: each row's z gets it added
+    needed = features + ([offset] if offset else [])
+    schema, batches = _batches(src, kind_in, needed)
+    missing = [f for f in needed if f not in schema.names]
     if missing:
         raise GradpipeError(f"{src} lacks column(s) {', '.join(map(repr, missing))} that run {model['run_id']} "
                             f"needs (it has {', '.join(schema.names)}).")
@@ -174,6 +177,8 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
                 X = np.column_stack([_as_float(batch.column(f), f, src, rows) for f in features]) if features \
                     else np.zeros((batch.num_rows, 0))
                 z = X @ coef + intercept
+                if offset:
+                    z += _as_float(batch.column(offset), offset, src, rows)
                 cols = [batch.column(f.name) for f in keep] + [pa.array(family.inverse_link(z))]
                 if family.classifier:
                     cols.append(pa.array((z > 0).astype(np.int64)))

@@ -29,6 +29,8 @@ class Settings:
     chunk_mb: float = 64.0
     dtype: str = "float64"
     on_invalid: str = "error"
+    weight: str = ""  # ingest: the sample-weight column (empty: none)
+    offset: str = ""  # ingest: the offset column, added to the linear predictor (empty: none)
     publish_tolerance: float = 0.0  # publish when new metric ≤ published metric × (1 + tolerance)
     allow_unconverged: bool = False  # publish a run that ended on max_iter/time_budget (normally refused)
     tls: bool = False  # Dask comms over TLS (see pipeline.tls); implied by the three files below
@@ -119,8 +121,11 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
         if f.name != "train" and key in environ:
             data[f.name] = _coerce(environ[key], getattr(base, f.name))
     for name, default in defaults_train.items():
-        key = f"{ENV_PREFIX}TRAIN_{name.upper()}"
-        if key in environ:
+        # GRADPIPE_TRAIN_<FIELD>, or the short GRADPIPE_<FIELD> (GRADPIPE_MODEL=poisson): no training field
+        # shares a name with a top-level setting, and the long form wins when both are set
+        key = next((k for k in (f"{ENV_PREFIX}TRAIN_{name.upper()}", f"{ENV_PREFIX}{name.upper()}") if k in environ),
+                   None)
+        if key is not None:
             # fields whose default is None (tol, time_budget) are numbers; lr may be "auto"
             like = default if default is not None else 0.0
             data["train"][name] = environ[key] if name == "lr" else _coerce(environ[key], like)

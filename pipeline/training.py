@@ -190,7 +190,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
     engine = _engine(client, ds, config)
     engine.name = begin.run_id  # the dashboard shows gradpipe-pass-<run id>-<pass>
     try:
-        objective = ClusterObjective(engine, problem)
+        objective = ClusterObjective(engine, problem, weight_sum=getattr(ds, 'weight_sum', None))
         solver = make_solver(config.solver, config, problem, objective)
         store = begin.store
         if store is None:
@@ -203,7 +203,9 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                     store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name,
                                             dataset=DatasetRef(uri=ds.path, fingerprint=ds.fingerprint(),
                                                                feature_names=ds.feature_names, target=ds.target,
-                                                               n_rows=ds.n_rows, mean=mean, scale=scale),
+                                                               n_rows=ds.n_rows, mean=mean, scale=scale,
+                                                               weight=getattr(ds, "weight", None),
+                                                               offset=getattr(ds, "offset", None)),
                                             n_params=problem.n_params, state_shapes=solver.state_shapes(),
                                             version=__version__)
                     t0 = time.perf_counter()
@@ -350,8 +352,10 @@ def _rewind_to_intact(store: RunStore) -> int:
 
 def _record(row: Row, elapsed: float, passes: float, problem: Problem) -> dict[str, Any]:
     coef, intercept = problem.to_original(row.theta)
+    # with an L1 term the measure of optimality is the minimum-norm subgradient (‖∇L‖ stays large at a kink)
+    grad_norm = float(np.linalg.norm(problem.min_norm_subgradient(row.theta, row.grad)))
     rec = {"theta": row.theta, "grad": row.grad, "coef": coef, "intercept": intercept, "loss": row.loss,
-           "grad_norm": float(np.linalg.norm(row.grad)), "lr": row.lr, "elapsed": elapsed, "passes": passes}
+           "grad_norm": grad_norm, "lr": row.lr, "elapsed": elapsed, "passes": passes}
     rec.update({f"state/{k}": v for k, v in row.state.items()})
     return rec
 

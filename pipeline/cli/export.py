@@ -39,6 +39,9 @@ def model_document(path: Path) -> dict[str, Any]:
     return {
         "format": FORMAT, "model": model["model"], "solver": model["solver"], "feature_names": model["feature_names"],
         "target": model["target"], "coef": model["coef"].tolist(), "intercept": model["intercept"],
+        # L1 sets coefficients to exactly 0.0: the features the model uses
+        "selected_features": [f for f, c in zip(model["feature_names"], model["coef"], strict=True) if c != 0.0],
+        "power": model["power"], "offset": model["offset"], "weight": model["weight"],
         "run_id": model["run_id"], "status": model["status"], "n_iter": model["n_iter"], "loss": model["loss"],
         "inference": model["inference"], "warnings": model["warnings"],
         "dataset": {"uri": meta.uri, "fingerprint": meta.fingerprint}, "config": store.config,
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_run(args.run, args.runs_dir)
     doc = model_document(path)
     write_json_atomic(doc, Path(args.out))
-    print(f"exported run {doc['run_id']} ({doc['model']}, {len(doc['coef'])} features, iteration "
+    print(f"exported run {doc['run_id']} ({doc['model']}, {len(doc['selected_features'])} of {len(doc['coef'])} "
+          f"features selected, iteration "
           f"{doc['n_iter']}, {doc['status']}) to {args.out}")
     return 0

@@ -57,6 +57,8 @@ class DatasetRef:
     n_rows: int
     mean: list[float] | None  # the standardization, None without it
     scale: list[float] | None
+    weight: str | None = None  # the sample-weight and offset columns it had (None: none)
+    offset: str | None = None
 
     def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return tuple(None if v is None else np.asarray(v, dtype=np.float64) for v in (self.mean, self.scale))
@@ -203,6 +205,13 @@ class RunStore:
         return self.config.get("model", "linear")
 
     @property
+    def family(self):
+        """The run's family object (a Tweedie run's power included)."""
+        from pipeline.families import get_family
+
+        return get_family(self.model, power=self.config.get("power"))
+
+    @property
     def solver(self) -> str:
         """The solver that ran (``auto`` resolved); stores from before ``auto`` name it in the config."""
         return self._attrs.get("solver") or self.config.get("solver", "?")
@@ -212,7 +221,8 @@ class RunStore:
         meta = self._attrs.get("dataset", {})
         return DatasetRef(uri=meta.get("uri", "?"), fingerprint=meta.get("fingerprint", ""),
                           feature_names=list(meta.get("feature_names", [])), target=meta.get("target", ""),
-                          n_rows=int(meta.get("n_rows", 0)), mean=meta.get("mean"), scale=meta.get("scale"))
+                          n_rows=int(meta.get("n_rows", 0)), mean=meta.get("mean"), scale=meta.get("scale"),
+                          weight=meta.get("weight"), offset=meta.get("offset"))
 
     @property
     def status(self) -> str:
