@@ -102,9 +102,12 @@ def _default_chunk_rows(n: int, d: int) -> int:
 
 
 def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
-                  feature_names: list[str] | None = None, target: str = "y") -> None:
+                  feature_names: list[str] | None = None, target: str = "y", w=None, offset=None) -> None:
     """Store X (n, d) and y (n,) as a gradpipe dataset; Dask inputs are rechunked and written blockwise."""
     from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
+
+    if w is not None or offset is not None:
+        raise ValueError("sample_weight/offset: the dataset writer does not store them yet")
 
     is_dask = _is_dask(X, y)
     if is_dask:
