@@ -96,7 +96,8 @@ def rel_err(theta: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(theta - ref)) / np.max(np.abs(ref)))
 
 
-def run_gradpipe(store: Path, kind: str, solver: str, ref: np.ndarray, client, runs: Path, cap: float) -> dict:
+def run_gradpipe(store: Path, kind: str, solver: str, ref: np.ndarray, client, runs: Path, cap: float,
+                 **config) -> dict:
     from pipeline.config import TrainConfig
     from pipeline.training import train
 
@@ -109,8 +110,8 @@ def run_gradpipe(store: Path, kind: str, solver: str, ref: np.ndarray, client, r
         if err <= TARGET and not hit:
             hit.update(seconds=rec["elapsed"], passes=rec["passes"], iteration=t)
 
-    res = train(store, TrainConfig(model=kind, solver=solver, tol=0, gtol=0, max_iter=10**6, time_budget=cap),
-                client=client, runs_dir=runs, on_iteration=on_iteration)
+    res = train(store, TrainConfig(model=kind, solver=solver, tol=0, gtol=0, max_iter=10**6, time_budget=cap,
+                                   **config), client=client, runs_dir=runs, on_iteration=on_iteration)
     shutil.rmtree(res.run_uri, ignore_errors=True)
     return {"solver": solver, "reached": bool(hit), **hit, "final_err": errs[-1], "n_iter": res.n_iter,
             "total_passes": res.passes, "total_seconds": res.seconds, "status": res.status,
