@@ -1,7 +1,9 @@
-"""Mergeable per-feature statistics (count, mean, M2, min, max), and a summary of the target.
+"""Mergeable per-feature statistics (count, mean, M2, min, max; optionally sample-weighted), and a summary
+of the target.
 
 Chunks are summarised independently on the workers and merged on the driver with the parallel-variance
-formula (Chan, Golub & LeVeque), so statistics never need a second pass over the data.
+formula (Chan, Golub & LeVeque; with weight sums in place of counts when the dataset has sample weights),
+so statistics never need a second pass over the data.
 """
 
 from __future__ import annotations
@@ -14,29 +16,47 @@ import numpy as np
 
 @dataclass(frozen=True)
 class FeatureStats:
+    """Per-feature count, mean, M2 (sum of squared deviations), min and max.
+
+    With sample weights (``weight_sum`` set) the mean and M2 are the w-weighted ones, so standardization
+    matches the weighted objective: a row with w = 0 moves neither, while ``count``, ``min`` and ``max``
+    still cover every row (a zero-weight row is still data the model will be applied to). ``n_weighted``
+    counts the rows with w > 0. Unweighted statistics leave both None and keep their original arithmetic
+    and JSON bit for bit, so datasets without weights are unchanged.
+    """
+
     count: int
     mean: np.ndarray
     m2: np.ndarray
     min: np.ndarray
     max: np.ndarray
+    weight_sum: float | None = None
+    n_weighted: int | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.weight_sum is not None
 
     @classmethod
-    def empty(cls, d: int) -> FeatureStats:
-        return cls(0, np.zeros(d), np.zeros(d), np.full(d, np.inf), np.full(d, -np.inf))
+    def empty(cls, d: int, weighted: bool = False) -> FeatureStats:
+        return cls(0, np.zeros(d), np.zeros(d), np.full(d, np.inf), np.full(d, -np.inf),
+                   *((0.0, 0) if weighted else (None, None)))
 
     @classmethod
-    def of(cls, X: np.ndarray) -> FeatureStats:
-        """Statistics of one block of rows, (n, d)."""
-        return cls.of_columns(np.asarray(X).T)
+    def of(cls, X: np.ndarray, w: np.ndarray | None = None) -> FeatureStats:
+        """Statistics of one block of rows, (n, d), optionally weighted by ``w`` (n,)."""
+        return cls.of_columns(np.asarray(X).T, w)
 
     @classmethod
-    def of_columns(cls, XT: np.ndarray) -> FeatureStats:
+    def of_columns(cls, XT: np.ndarray, w: np.ndarray | None = None) -> FeatureStats:
         """Statistics of one block given feature-major, (d, n): fastest when each feature is contiguous.
 
         Two passes per feature (mean, then the sum of squared deviations), accumulated in float64.
         """
         XT = np.asarray(XT)
         d, n = XT.shape
+        if w is not None:
+            return cls._weighted_columns(XT, np.asarray(w, dtype=np.float64))
         if n == 0:
             return cls.empty(d)
         mean = XT.sum(axis=1, dtype=np.float64) / n
@@ -46,20 +66,59 @@ class FeatureStats:
             m2[j] = dev @ dev
         return cls(n, mean, m2, XT.min(axis=1).astype(np.float64), XT.max(axis=1).astype(np.float64))
 
+    @classmethod
+    def _weighted_columns(cls, XT: np.ndarray, w: np.ndarray) -> FeatureStats:
+        """Weighted two-pass statistics; a block whose weights are all 0 contributes only count/min/max."""
+        d, n = XT.shape
+        if n == 0:
+            return cls.empty(d, weighted=True)
+        total = float(w.sum())
+        mean, m2 = np.zeros(d), np.zeros(d)
+        if total > 0:
+            for j in range(d):
+                xj = XT[j].astype(np.float64, copy=False)
+                mean[j] = (xj @ w) / total
+                dev = xj - mean[j]
+                m2[j] = (w * dev) @ dev
+        return cls(n, mean, m2, XT.min(axis=1).astype(np.float64), XT.max(axis=1).astype(np.float64),
+                   total, int(np.count_nonzero(w > 0)))
+
     def merge(self, other: FeatureStats) -> FeatureStats:
+        if self.weighted != other.weighted:
+            raise ValueError("cannot merge weighted with unweighted feature statistics")
         if other.count == 0:
             return self
         if self.count == 0:
             return other
+        if self.weighted:
+            return self._merge_weighted(other)
         n = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
         m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
         return FeatureStats(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max))
 
+    def _merge_weighted(self, other: FeatureStats) -> FeatureStats:
+        """Chan et al.'s update with weight sums in place of counts (West 1979)."""
+        wa, wb = float(self.weight_sum or 0.0), float(other.weight_sum or 0.0)
+        total = wa + wb
+        if wb == 0:
+            mean, m2 = self.mean, self.m2
+        elif wa == 0:
+            mean, m2 = other.mean, other.m2
+        else:
+            delta = other.mean - self.mean
+            mean = self.mean + delta * (wb / total)
+            m2 = self.m2 + other.m2 + delta**2 * (wa * wb / total)
+        return FeatureStats(self.count + other.count, mean, m2, np.minimum(self.min, other.min),
+                            np.maximum(self.max, other.max), total,
+                            int(self.n_weighted or 0) + int(other.n_weighted or 0))
+
     @property
     def variance(self) -> np.ndarray:
-        """Population variance (ddof=0), the one standardization uses."""
+        """Population variance (ddof=0), the one standardization uses; weighted: M2 / Σw."""
+        if self.weighted:
+            return self.m2 / (self.weight_sum if self.weight_sum else 1.0)
         return self.m2 / max(self.count, 1)
 
     @property
@@ -72,19 +131,24 @@ class FeatureStats:
         return np.where(s > 0, s, 1.0)
 
     def to_json(self) -> dict:
+        """The weighted fields are written only when set: an unweighted dataset's attrs keep their keys."""
         return {
             "count": self.count,
             "mean": self.mean.tolist(),
             "m2": self.m2.tolist(),
             "min": self.min.tolist(),
             "max": self.max.tolist(),
+            **({} if not self.weighted else {"weight_sum": self.weight_sum, "n_weighted": self.n_weighted}),
         }
 
     @classmethod
     def from_json(cls, data: dict) -> FeatureStats:
+        weighted = data.get("weight_sum") is not None
         return cls(
             int(data["count"]),
             *(np.asarray(data[k], dtype=np.float64) for k in ("mean", "m2", "min", "max")),
+            float(data["weight_sum"]) if weighted else None,
+            int(data["n_weighted"]) if weighted else None,
         )
 
 

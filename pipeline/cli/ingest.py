@@ -19,6 +19,12 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset store path, e.g. data/datasets/demo.zarr")
     p.add_argument("--features", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma-separated feature columns (default: every column but the target)")
+    p.add_argument("--weight", metavar="COL",
+                   help="sample-weight column (finite, ≥ 0; stored as array w, not a feature; a column index "
+                        "for .npy)")
+    p.add_argument("--offset", metavar="COL",
+                   help="offset column added to the linear predictor, e.g. log exposure (stored as array "
+                        "offset, not a feature; a column index for .npy)")
     p.add_argument("--chunk-mb", type=float, default=64.0, help="MiB of X per row chunk (default 64)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="stored value type (default float64; float32 halves the store and memory)")
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         result = ingest(args.sources, args.dataset, args.target, features=args.features, chunk_mb=args.chunk_mb,
                         dtype=args.dtype, on_invalid=args.on_invalid, replace=args.replace,
                         compressor=args.compressor, scheduler=args.scheduler, workers=args.workers,
-                        announce=not (args.json or args.quiet), on_piece=progress)
+                        announce=not (args.json or args.quiet), on_piece=progress, weight=args.weight,
+                        offset=args.offset)
     if args.json:
         print(json.dumps(result.to_json()))
     elif not result.appended_files:

@@ -61,8 +61,12 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client 
            features: list[str] | None = None, chunk_mb: float = 64.0, dtype: str = "float64",
            on_invalid: str = "error", replace: bool = False, compressor: str = "lz4",
            scheduler: str | None = None, workers: int | None = None, announce: bool = False,
-           on_piece: OnPiece | None = None) -> IngestResult:
+           on_piece: OnPiece | None = None, weight: str | None = None,
+           offset: str | None = None) -> IngestResult:
     """Ingest ``sources`` into ``dataset``: create it, append new files, or do nothing if all are known.
+
+    ``weight`` and ``offset`` name the sample-weight and offset columns (not features; stored as arrays
+    ``w`` and ``offset``); appending to a dataset must name the same ones.
 
     Without ``client``, a cluster (``scheduler``, else a LocalCluster of ``workers``) is connected only once
     the inputs are checked and there is something to parse: bad input fails at once, a no-op stays cheap.
@@ -82,11 +86,13 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client 
     path = Path(dataset).absolute()
     files = discover(sources)
     target = _target_name(target, files[0])
+    weight = None if weight is None else _target_name(weight, files[0])
+    offset = None if offset is None else _target_name(offset, files[0])
     with atomic.locked(path):
         atomic.remove_stale_staging(path)
         old = read_info(path) if path.exists() else None  # raises if it is not a dataset
         if old is not None:
-            _check_same_schema(old, target, features)
+            _check_same_schema(old, target, features, weight, offset)
         new_files, skipped = _classify(files, old, replace)
         known = [Path(m["path"]) for m in old.manifest] if old else []
         if replace and set(known) & set(new_files):
@@ -105,7 +111,7 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client 
             return IngestResult(str(path), n, old.n_features if old else 0,
                                 old.feature_names if old else [], skipped_files=[str(f) for f in skipped],
                                 seconds=time.perf_counter() - t0)
-        schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid)
+        schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid, weight, offset)
         staged = atomic.staging_path(path)
         try:
             with _connected(client, scheduler, workers, announce) as c:
@@ -138,12 +144,21 @@ def _check_feature_list(features: list[str]) -> None:
         raise GradpipeError(f"--features lists {dupes} more than once.")
 
 
-def _check_same_schema(old: DatasetInfo, target: str, features: list[str] | None) -> None:
-    """Appending (or re-ingesting) must not silently ignore a --target or --features the dataset lacks."""
+def _check_same_schema(old: DatasetInfo, target: str, features: list[str] | None, weight: str | None = None,
+                       offset: str | None = None) -> None:
+    """Appending (or re-ingesting) must not silently ignore a --target or --features the dataset lacks, nor
+    leave the new rows without the weights or offsets the old ones have (or the reverse)."""
     if target != old.target:
         raise GradpipeError(f"--target {target!r} differs from the dataset's target {old.target!r}.")
     if features is not None and features != old.feature_names:
         raise GradpipeError(f"--features {features} differ from the dataset's features {old.feature_names}.")
+    for flag, given, had in (("--weight", weight, old.weight), ("--offset", offset, old.offset)):
+        if given != had:
+            theirs = f"takes {flag[2:]}s from column {had!r}" if had else f"has no {flag[2:]} column"
+            ours = f"{flag} {given!r}" if given else f"no {flag}"
+            fix = f"pass {flag} {had}" if had else f"leave out {flag}"
+            raise GradpipeError(f"{old.path} {theirs}, but this ingest has {ours}: every row of a dataset "
+                                f"must have the same columns ({fix}, or ingest into a new dataset).")
 
 
 def file_identity(path: Path) -> dict[str, int | float]:
@@ -189,32 +204,47 @@ def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tupl
 
 
 def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, features: list[str] | None,
-                    dtype: str, on_invalid: str) -> Schema:
+                    dtype: str, on_invalid: str, weight: str | None = None, offset: str | None = None) -> Schema:
     columns = read_columns(files[0])
     explicit = features is not None
-    if base is not None:  # target and features were checked against it (_check_same_schema)
+    if base is not None:  # target, features, weight and offset were checked against it (_check_same_schema)
         features = features or base.feature_names
         dtype = base.dtype
     if target not in columns:
         raise GradpipeError(f"--target {target!r} is not a column of {files[0]} "
                             f"(columns: {', '.join(columns)}).")
-    features = features if features is not None else [c for c in columns if c != target]
+    extras = [(flag, c) for flag, c in (("--weight", weight), ("--offset", offset)) if c is not None]
+    for flag, c in extras:
+        if c not in columns:
+            raise GradpipeError(f"{files[0]}: the {flag} column {c!r} is not a column of it "
+                                f"(columns: {', '.join(columns)}).")
+        if c == target:
+            raise GradpipeError(f"{flag} {c!r} is also the --target.")
+    if weight is not None and weight == offset:
+        raise GradpipeError(f"--weight and --offset both name column {weight!r}.")
+    special = {target, *(c for _, c in extras)}
+    features = features if features is not None else [c for c in columns if c not in special]
     if target in features:
         raise GradpipeError(f"--target {target!r} is also listed in --features.")
+    for flag, c in extras:
+        if c in features:
+            raise GradpipeError(f"{flag} {c!r} is also listed in --features (weights and offsets are not "
+                                "features).")
     missing = [c for c in features if c not in columns]
     if missing:
         raise GradpipeError(f"{files[0]}: column(s) {missing} not found (columns: {', '.join(columns)}).")
-    if base is not None and not explicit and set(columns) != {*features, target}:
+    if base is not None and not explicit and set(columns) != {*features, *special}:
         raise GradpipeError(f"{files[0]}: columns {columns} differ from the dataset's "
-                            f"{[*base.feature_names, base.target]}.")
+                            f"{[*base.feature_names, base.target, *(c for _, c in extras)]}.")
     for f in files[1:]:
         # Columns are matched by name, so their order may differ; with --features, extra columns are fine.
         cols = set(read_columns(f))
-        if cols != set(columns) and not (explicit and {*features, target} <= cols):
+        if cols != set(columns) and not (explicit and {*features, *special} <= cols):
             extra, lacking = sorted(cols - set(columns)), sorted(set(columns) - cols)
             raise GradpipeError(f"{f}: columns differ from {files[0]} (extra: {extra or 'none'}, "
                                 f"missing: {lacking or 'none'}).")
-    return Schema(features=features, target=target, dtype=dtype, on_invalid=on_invalid)
+    return Schema(features=features, target=target, dtype=dtype, on_invalid=on_invalid, weight=weight,
+                  offset=offset)
 
 
 def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path], schema: Schema,
@@ -228,7 +258,8 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     if base is None:
         chunk_rows = chunk_rows_for(chunk_mb, d, np.dtype(schema.dtype).itemsize)
         n_old = 0
-        create_arrays(staged, bound, d, chunk_rows, schema.dtype, compressor)
+        create_arrays(staged, bound, d, chunk_rows, schema.dtype, compressor, weights=schema.weight is not None,
+                      offset=schema.offset is not None)
     else:
         chunk_rows, n_old = base.chunk_rows, base.n_rows
         atomic.link_copy(live, staged)
@@ -251,17 +282,21 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     if n_total == 0:
         raise GradpipeError("no data rows: every source is empty or every row was dropped as invalid.")
     resize_rows(staged, n_total)
-    stats = base.stats if base else FeatureStats.empty(d)
+    stats = base.stats if base else FeatureStats.empty(d, weighted=schema.weight is not None)
     # The target summary merges in row order, each piece shifted to its first dataset row. Appending to a
     # dataset ingested before the summary existed leaves it absent: the old rows were never summarised, so
     # training falls back to its cluster-side check rather than trusting a summary of the new rows only.
     target: TargetStats | None = TargetStats.empty() if base is None else base.target_stats
-    offset = n_old
+    row = n_old
     for m in metas:
         stats = stats.merge(m.stats)
         if target is not None:
-            target = target.merge(m.target.shifted(offset))
-        offset += m.n_rows
+            target = target.merge(m.target.shifted(row))
+        row += m.n_rows
+    if schema.weight is not None and not stats.n_weighted:
+        names = ", ".join(str(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
+        raise GradpipeError(f"{names}: every kept row has weight 0 in column {schema.weight!r}; at least one "
+                            "sample weight must be positive.")
     manifest = list(base.manifest) if base else []
     row, i = n_old, 0
     for f, (ps, _) in zip(files, plans, strict=True):
@@ -272,7 +307,7 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
                          "row_start": row, "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
         row += rows
     info = DatasetInfo(str(live), schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
-                       manifest, target)
+                       manifest, target, weight=schema.weight, offset=schema.offset)
     commit_info(staged, info)
     return info, sum(m.n_dropped for m in metas)
 
@@ -362,21 +397,28 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
 def _write_segments(store: str, chunk: int, chunk_rows: int, segments: list) -> int:
     """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk.
 
-    Parsed pieces are feature-major; the transpose into the row-major chunk is the only copy.
+    Parsed pieces are feature-major; the transpose into the row-major chunk is the only copy. Weights and
+    offsets travel with their rows, from the pieces or from the stored partial chunk.
     """
     parts = []
     for src, lo, hi in segments:
         if src is None:
-            parts.append(read_rows(store, lo, hi)[:2])
+            parts.append(read_rows(store, lo, hi))
         else:
             assert isinstance(src, Parsed)
-            parts.append((src.XT[:, lo:hi].T, src.y[lo:hi]))
-    n = sum(len(y) for _, y in parts)
+            parts.append((src.XT[:, lo:hi].T, src.y[lo:hi], None if src.w is None else src.w[lo:hi],
+                          None if src.offset is None else src.offset[lo:hi]))
+    n = sum(len(p[1]) for p in parts)
     X = np.empty((n, parts[0][0].shape[1]), dtype=parts[0][1].dtype)
     y = np.empty(n, dtype=X.dtype)
-    offset = 0
-    for Xp, yp in parts:
-        X[offset:offset + len(yp)] = Xp
-        y[offset:offset + len(yp)] = yp
-        offset += len(yp)
-    return write_chunk(store, chunk, chunk_rows, X, y)
+    extras = [None if parts[0][k] is None else np.empty(n) for k in (2, 3)]
+    row = 0
+    for part in parts:
+        k = len(part[1])
+        X[row:row + k] = part[0]
+        y[row:row + k] = part[1]
+        for out, values in zip(extras, part[2:], strict=True):
+            if out is not None:
+                out[row:row + k] = values
+        row += k
+    return write_chunk(store, chunk, chunk_rows, X, y, *extras)
