@@ -10,6 +10,19 @@ Why this shape of data:
   intercept centres it near 0 — learnable, balanced and far from separable (Bayes error ≈ 19 %).
 - ``linear``: ``y = X @ coef + intercept + noise * N(0, 1)``. ``logistic``: ``y ~ Bernoulli(sigmoid(...))``
   as 0/1; ``noise`` is not used.
+- ``poisson``, ``gamma``, ``tweedie`` (log link, ``μ = exp(η)``): the coefficients are rescaled so the feature
+  part of η has standard deviation ``ETA_STD`` (0.5) and the intercept puts its mean at ``ETA_MEAN`` (0.5,
+  typical μ ≈ 1.6): moderate, so counts are neither all 0 nor huge. ``poisson``: ``y ~ Poisson(μ)``.
+  ``gamma``: shape ``GAMMA_SHAPE`` k = 2 (dispersion 1/k), mean μ. ``tweedie``: compound Poisson–Gamma with
+  power p ∈ (1, 2) (``power``, default 1.5) and dispersion φ = ``TWEEDIE_PHI`` (1): ``N ~ Poisson(λ)``,
+  ``λ = μ^(2-p) / (φ (2-p))``, y the sum of N Gamma(shape (2-p)/(p-1), scale φ (p-1) μ^(p-1)) draws.
+- ``weights`` adds a column ``w ~ U(0.5, 2)`` (float32), used as a *precision* weight, the convention of
+  glum's and scikit-learn's ``sample_weight`` and statsmodels' ``var_weights``: Var(y) = φ V(μ) / w with the
+  same mean μ. Poisson: ``y = Poisson(w μ) / w`` (w is the exposure, y the rate); gamma: shape ``k w``;
+  tweedie: dispersion ``φ / w``; linear: noise ``noise / √w``; logistic: y does not depend on w (importance
+  weights). The weighted MLE then recovers the truth, and is the efficient estimator for the GLM kinds.
+- ``offset`` adds a column ``log_exposure = log E``, ``E ~ U(0.5, 2)`` (float32), which enters η with
+  coefficient 1 (``η = X @ coef + intercept + log_exposure``), as an offset does in training.
 - X is rounded to float32 *before* y is computed, and y is rounded to float32 too, so the truth holds exactly
   for the stored values and CSV cells stay short: each cell is the shortest decimal that reads back as the
   same float32 (parse it as float64 and it is within 6e-8 relative of the float32 value).
@@ -41,10 +54,19 @@ import numpy as np
 
 from pipeline.errors import GradpipeError
 
-KINDS = ("linear", "logistic")
+KINDS = ("linear", "logistic", "poisson", "gamma", "tweedie")
+LOG_LINK_KINDS = ("poisson", "gamma", "tweedie")
 FORMATS = ("csv", "parquet", "npy")
 BLOCK_ROWS = 131_072  # rows generated at a time (bounds memory) and the Parquet row-group size
 LOGIT_STD = 2.5
+ETA_STD = 0.5  # std of the feature part of the log-link predictor
+ETA_MEAN = 0.5  # its mean (before any offset)
+GAMMA_SHAPE = 2.0
+TWEEDIE_PHI = 1.0
+TWEEDIE_POWER = 1.5  # the default --power
+WEIGHT_COLUMN = "w"
+OFFSET_COLUMN = "log_exposure"
+UNIFORM_RANGE = (0.5, 2.0)  # of the weights and of the exposure
 TRUTH_FILE = "truth.json"
 PART_RE = re.compile(r"part-\d{5,}\.(csv|parquet|npy)")
 
@@ -61,10 +83,18 @@ class SynthSpec:
     seed: int = 0
     noise: float = 0.1
     scale_spread: float = 10.0
+    power: float | None = None  # tweedie only (default TWEEDIE_POWER)
+    weights: bool = False
+    offset: bool = False
 
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise GradpipeError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}.")
+        if self.power is not None and self.kind != "tweedie":
+            raise GradpipeError(f"--power applies to --kind tweedie only, not {self.kind}.")
+        if self.kind == "tweedie" and not (math.isfinite(self.tweedie_power) and 1 < self.tweedie_power < 2):
+            raise GradpipeError(f"--power must lie strictly between 1 and 2 (compound Poisson–Gamma), not "
+                                f"{self.tweedie_power}.")
         if self.format not in FORMATS:
             raise GradpipeError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}.")
         if self.rows < 1:
@@ -81,8 +111,26 @@ class SynthSpec:
             raise GradpipeError(f"--scale-spread must be a finite number ≥ 1, not {self.scale_spread}.")
 
     @property
+    def tweedie_power(self) -> float:
+        return TWEEDIE_POWER if self.power is None else float(self.power)
+
+    @property
+    def family_power(self) -> float | None:
+        """The Tweedie power of the response's law (Poisson 1, Gamma 2); None for linear/logistic."""
+        return {"poisson": 1.0, "gamma": 2.0, "tweedie": self.tweedie_power}.get(self.kind)
+
+    @property
     def feature_names(self) -> list[str]:
         return [f"x{j}" for j in range(self.features)]
+
+    @property
+    def extra_names(self) -> list[str]:
+        """The weight and offset columns written, in file order (between the features and y)."""
+        return [*([WEIGHT_COLUMN] if self.weights else []), *([OFFSET_COLUMN] if self.offset else [])]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [*self.feature_names, *self.extra_names, "y"]
 
     def part_rows(self) -> list[int]:
         """Rows per file, as even as possible (the first ``rows % files`` files get one more)."""
@@ -114,6 +162,10 @@ def make_truth(spec: SynthSpec) -> Truth:
         z = z * (LOGIT_STD / max(float(np.sqrt(z @ z)), 1e-12))  # std of z·(X-mean)/scale is |z|
         coef = z / scales
         intercept = -float(_dot(means[None, :], coef)[0]) + 0.5 * b0  # logit mean ≈ 0: balanced classes
+    elif spec.kind in LOG_LINK_KINDS:
+        z = z * (ETA_STD / max(float(np.sqrt(z @ z)), 1e-12))
+        coef = z / scales
+        intercept = -float(_dot(means[None, :], coef)[0]) + ETA_MEAN + 0.25 * b0
     else:
         coef = z / scales
         intercept = b0
@@ -129,31 +181,59 @@ def _dot(X: np.ndarray, coef: np.ndarray) -> np.ndarray:
 
 
 def generate_blocks(spec: SynthSpec, truth: Truth, index: int):
-    """Yield (X float32, y float32) blocks of file ``index``; the stream depends only on spec and index."""
+    """Yield (X, extras, y) float32 blocks of file ``index`` (extras: the weight and offset columns present,
+    as in ``spec.extra_names``); the stream depends only on spec and index. Without weights or offsets the
+    draws are those of the linear/logistic kinds before those options existed, so their bytes are unchanged.
+    """
     child = np.random.SeedSequence(spec.seed).spawn(2)[1].spawn(spec.files)[index]
     rng = np.random.default_rng(child)
     left = spec.part_rows()[index]
     while left:
         b = min(left, BLOCK_ROWS)
         X = (truth.means + truth.scales * rng.standard_normal((b, spec.features))).astype(np.float32)
+        # Rounded to float32 before use, like X: the truth holds for the stored values.
+        w = rng.uniform(*UNIFORM_RANGE, b).astype(np.float32) if spec.weights else None
+        off = np.log(rng.uniform(*UNIFORM_RANGE, b)).astype(np.float32) if spec.offset else None
         eta = _dot(X, truth.coef) + truth.intercept
-        if spec.kind == "linear":
-            y = eta + spec.noise * rng.standard_normal(b)
-        else:
-            y = (rng.random(b) < 1.0 / (1.0 + np.exp(-eta))).astype(np.float64)
-        yield X, y.astype(np.float32)
+        if off is not None:
+            eta = eta + off.astype(np.float64)
+        y = _response(spec, rng, eta, None if w is None else w.astype(np.float64))
+        yield X, [a for a in (w, off) if a is not None], y.astype(np.float32)
         left -= b
+
+
+def _response(spec: SynthSpec, rng: np.random.Generator, eta: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Draw y given the linear predictor; ``w`` is a precision weight (see the module docstring)."""
+    if spec.kind == "linear":
+        noise = spec.noise * rng.standard_normal(len(eta))
+        return eta + (noise if w is None else noise / np.sqrt(w))
+    if spec.kind == "logistic":
+        return (rng.random(len(eta)) < 1.0 / (1.0 + np.exp(-eta))).astype(np.float64)
+    mu = np.exp(eta)
+    prec = np.ones(len(eta)) if w is None else w
+    if spec.kind == "poisson":
+        return rng.poisson(mu * prec) / prec
+    if spec.kind == "gamma":
+        shape = GAMMA_SHAPE * prec
+        return rng.gamma(shape, mu / shape)
+    p = spec.tweedie_power
+    phi = TWEEDIE_PHI / prec
+    counts = rng.poisson(mu ** (2 - p) / (phi * (2 - p)))
+    # The sum of N iid Gamma(α, γ) draws is Gamma(Nα, γ); shape 0 gives exactly 0 (numpy's gamma(0) = 0).
+    return rng.gamma(counts * ((2 - p) / (p - 1)), phi * (p - 1) * mu ** (p - 1))
 
 
 def write_part(spec: SynthSpec, truth: Truth, index: int, path: str) -> int:
     """Write file ``index`` to ``path`` block by block; returns its size in bytes."""
-    names = [*spec.feature_names, "y"]
+    names = spec.column_names
     if spec.format == "npy":
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
-                                        shape=(spec.part_rows()[index], spec.features + 1))
+                                        shape=(spec.part_rows()[index], len(names)))
         row = 0
-        for X, y in generate_blocks(spec, truth, index):
-            out[row:row + len(X), :-1] = X
+        for X, extras, y in generate_blocks(spec, truth, index):
+            out[row:row + len(X), :spec.features] = X
+            for k, values in enumerate(extras):
+                out[row:row + len(X), spec.features + k] = values
             out[row:row + len(X), -1] = y
             row += len(X)
         out.flush()
@@ -163,9 +243,9 @@ def write_part(spec: SynthSpec, truth: Truth, index: int, path: str) -> int:
 
     schema = pa.schema([(n, pa.float32()) for n in names])
 
-    def table(X: np.ndarray, y: np.ndarray) -> pa.Table:
-        return pa.Table.from_arrays([*(pa.array(X[:, j]) for j in range(X.shape[1])), pa.array(y)],
-                                    schema=schema)
+    def table(X: np.ndarray, extras: list[np.ndarray], y: np.ndarray) -> pa.Table:
+        return pa.Table.from_arrays([*(pa.array(X[:, j]) for j in range(X.shape[1])),
+                                     *(pa.array(e) for e in extras), pa.array(y)], schema=schema)
 
     if spec.format == "csv":
         import pyarrow.csv as pacsv
@@ -173,14 +253,14 @@ def write_part(spec: SynthSpec, truth: Truth, index: int, path: str) -> int:
         with open(path, "wb") as fh:
             fh.write((",".join(names) + "\n").encode())  # unquoted header, on any pyarrow version
             with pacsv.CSVWriter(fh, schema, write_options=pacsv.WriteOptions(include_header=False)) as w:
-                for X, y in generate_blocks(spec, truth, index):
-                    w.write_table(table(X, y))
+                for X, extras, y in generate_blocks(spec, truth, index):
+                    w.write_table(table(X, extras, y))
     else:
         import pyarrow.parquet as pq
 
         with pq.ParquetWriter(path, schema) as w:
-            for X, y in generate_blocks(spec, truth, index):
-                w.write_table(table(X, y), row_group_size=BLOCK_ROWS)
+            for X, extras, y in generate_blocks(spec, truth, index):
+                w.write_table(table(X, extras, y), row_group_size=BLOCK_ROWS)
     return os.path.getsize(path)
 
 
@@ -202,7 +282,18 @@ def truth_json(spec: SynthSpec, truth: Truth) -> dict:
             "noise": spec.noise, "feature_names": spec.feature_names, "target": "y", "rows": spec.rows,
             "features": spec.features, "files": spec.files, "format": spec.format,
             "scale_spread": spec.scale_spread, "feature_means": truth.means.tolist(),
-            "feature_scales": truth.scales.tolist()}
+            "feature_scales": truth.scales.tolist(),
+            # The response's law: Tweedie power (Poisson 1, Gamma 2; None for linear/logistic), dispersion,
+            # and the weight/offset columns (None when absent); columns lists every column in file order.
+            "power": spec.family_power, "dispersion": _dispersion(spec),
+            "weight": WEIGHT_COLUMN if spec.weights else None, "offset": OFFSET_COLUMN if spec.offset else None,
+            "columns": spec.column_names}
+
+
+def _dispersion(spec: SynthSpec) -> float | None:
+    """φ of the unweighted law (a weighted row has φ / w): Var(y) = φ V(μ)."""
+    return {"linear": spec.noise ** 2, "poisson": 1.0, "gamma": 1.0 / GAMMA_SHAPE,
+            "tweedie": TWEEDIE_PHI}.get(spec.kind)
 
 
 def make_data(spec: SynthSpec, out: str | Path, threads: int | None = None) -> MakeDataResult:

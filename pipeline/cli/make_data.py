@@ -16,7 +16,16 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                                    "replaced atomically, and only if it is empty or a previous make-data "
                                    "output.")
     p.add_argument("--kind", choices=KINDS, required=True,
-                   help="linear: y = X·coef + b + noise; logistic: y ~ Bernoulli(sigmoid(X·coef + b))")
+                   help="linear: y = X·coef + b + noise; logistic: y ~ Bernoulli(sigmoid(X·coef + b)); poisson, "
+                        "gamma (shape 2), tweedie (compound Poisson–Gamma, dispersion 1): log link, "
+                        "mean exp(X·coef + b [+ log_exposure])")
+    p.add_argument("--power", type=float, metavar="P",
+                   help="Tweedie power, strictly between 1 and 2 (--kind tweedie only; default 1.5)")
+    p.add_argument("--weights", action="store_true",
+                   help="add a column w ~ U(0.5, 2): a precision weight, Var(y) = φ·V(μ)/w (for poisson, "
+                        "y = Poisson(w·μ)/w with w the exposure)")
+    p.add_argument("--offset", action="store_true",
+                   help="add a column log_exposure = log(U(0.5, 2)) that enters the linear predictor")
     p.add_argument("--rows", type=int, required=True, help="total data rows, split evenly across files")
     p.add_argument("--features", type=int, required=True, help="number of features x0..x{D-1}")
     p.add_argument("--files", type=int, default=1, help="number of part files (default 1)")
@@ -37,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.synth import SynthSpec, make_data
 
     spec = SynthSpec(kind=args.kind, rows=args.rows, features=args.features, files=args.files,
-                     format=args.format, seed=args.seed, noise=args.noise, scale_spread=args.scale_spread)
+                     format=args.format, seed=args.seed, noise=args.noise, scale_spread=args.scale_spread,
+                     power=args.power, weights=args.weights, offset=args.offset)
     result = make_data(spec, args.out, threads=args.threads)
     if args.json:
         print(json.dumps(result.to_json()))
