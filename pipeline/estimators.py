@@ -86,12 +86,19 @@ def _is_dask(*arrays) -> bool:
     return da is not None and any(isinstance(a, da.Array) for a in arrays)
 
 
-def _write_block(path: str, index: int, chunk_rows: int, X, y) -> tuple[FeatureStats, int]:
+def _write_block(path: str, index: int, chunk_rows: int, X, y, w=None, offset=None) -> tuple[FeatureStats, int]:
     from pipeline.store.dataset import write_chunk
 
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    write_chunk(path, index, chunk_rows, X, y)
-    return FeatureStats.of(X), int(np.count_nonzero(~np.isfinite(y)))
+    w = None if w is None else np.asarray(w, dtype=np.float64)
+    offset = None if offset is None else np.asarray(offset, dtype=np.float64)
+    write_chunk(path, index, chunk_rows, X, y, w, offset)
+    bad = np.count_nonzero(~np.isfinite(y))
+    if w is not None:
+        bad += np.count_nonzero(~np.isfinite(w) | (w < 0))
+    if offset is not None:
+        bad += np.count_nonzero(~np.isfinite(offset))
+    return FeatureStats.of(X, w), int(bad)
 
 
 def _default_chunk_rows(n: int, d: int) -> int:
@@ -101,15 +108,30 @@ def _default_chunk_rows(n: int, d: int) -> int:
     return max(1, min(chunk_rows_for(64.0, d, 8), -(-n // 8)))
 
 
+def _vector(v, n: int, name: str, chunks=None):
+    """A per-row vector (sample_weight, offset) as float64, NumPy or Dask like X; shape checked."""
+    if v is None:
+        return None
+    if chunks is not None:
+        import dask.array as da
+
+        v = da.asarray(v).astype(np.float64)
+        if v.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {v.shape}")
+        return v.rechunk({0: chunks})
+    v = np.asarray(v, dtype=np.float64)
+    if v.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {v.shape}")
+    return v
+
+
 def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
                   feature_names: list[str] | None = None, target: str = "y", w=None, offset=None) -> None:
-    """Store X (n, d) and y (n,) as a gradpipe dataset; Dask inputs are rechunked and written blockwise."""
+    """Store X (n, d), y (n,) and optionally sample weights ``w`` and an ``offset`` (n,) as a gradpipe dataset;
+    Dask inputs are rechunked and written blockwise."""
     from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
 
-    if w is not None or offset is not None:
-        raise ValueError("sample_weight/offset: the dataset writer does not store them yet")
-
-    is_dask = _is_dask(X, y)
+    is_dask = _is_dask(X, y, w, offset)
     if is_dask:
         import dask.array as da
 
@@ -124,7 +146,9 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
     if n == 0 or d == 0:
         raise ValueError(f"need at least one row and one feature, got X of shape {X.shape}")
     rows = chunk_rows or _default_chunk_rows(n, d)
-    create_arrays(path, n, d, rows, "float64", "none")
+    w = _vector(w, n, "sample_weight", rows if is_dask else None)
+    offset = _vector(offset, n, "offset", rows if is_dask else None)
+    create_arrays(path, n, d, rows, "float64", "none", weights=w is not None, offset=offset is not None)
     n_chunks = -(-n // rows)
     if is_dask:
         import dask
@@ -132,21 +156,28 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
         X = X.astype(np.float64).rechunk({0: rows, 1: -1})
         y = y.astype(np.float64).rechunk({0: rows})
         xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
-        parts = [dask.delayed(_write_block)(str(path), i, rows, xb, yb)
-                 for i, (xb, yb) in enumerate(zip(xs, ys, strict=True))]
+        ws = [None] * len(xs) if w is None else w.to_delayed().ravel()
+        offs = [None] * len(xs) if offset is None else offset.to_delayed().ravel()
+        parts = [dask.delayed(_write_block)(str(path), i, rows, xb, yb, wb, ob)
+                 for i, (xb, yb, wb, ob) in enumerate(zip(xs, ys, ws, offs, strict=True))]
         results = client.gather(client.compute(parts))
     else:
-        results = [_write_block(str(path), i, rows, X[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows])
+        def part(v, i):
+            return None if v is None else v[i * rows:(i + 1) * rows]
+        results = [_write_block(str(path), i, rows, part(X, i), part(y, i), part(w, i), part(offset, i))
                    for i in range(n_chunks)]
-    stats = FeatureStats.empty(d)
+    stats = FeatureStats.empty(d, weighted=w is not None)
     for s, _ in results:
         stats = stats.merge(s)
     if not (np.all(np.isfinite(stats.min)) and np.all(np.isfinite(stats.max))) or sum(b for _, b in results):
-        raise ValueError("X and y must be finite (no NaN or infinity)")
+        raise ValueError("X, y, sample_weight and offset must be finite (no NaN or infinity), weights ≥ 0")
+    if w is not None and not stats.weight_sum > 0:
+        raise ValueError("sample_weight: at least one weight must be > 0")
     token = uuid.uuid4().hex  # in-memory input has no file hash: a fresh token per store
     info = DatasetInfo(path=str(path), feature_names=feature_names or [f"x{i}" for i in range(d)], target=target,
                        n_rows=n, chunk_rows=rows, dtype="float64", stats=stats,
-                       manifest=[{"path": "<array>", "sha256": token, "rows": n, "row_start": 0, "row_stop": n}])
+                       manifest=[{"path": "<array>", "sha256": token, "rows": n, "row_start": 0, "row_stop": n}],
+                       weight=None if w is None else "sample_weight", offset=None if offset is None else "offset")
     commit_info(path, info)
 
 

@@ -89,7 +89,7 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
                             f"in the same order.")
     if ds.n_rows == 0:
         raise GradpipeError(f"dataset {ds.path} has no rows to evaluate on.")
-    if meta.offset and not getattr(ds, "offset", None):
+    if meta.offset and not ds.has_offset:
         raise GradpipeError(f"run {path.name} was trained with the offset column {meta.offset!r}, which dataset "
                             f"{ds.path} lacks; ingest it with --offset {meta.offset}.")
     theta = np.asarray(store.row("theta", t), dtype=np.float64)

@@ -190,7 +190,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
     engine = _engine(client, ds, config)
     engine.name = begin.run_id  # the dashboard shows gradpipe-pass-<run id>-<pass>
     try:
-        objective = ClusterObjective(engine, problem, weight_sum=getattr(ds, 'weight_sum', None))
+        objective = ClusterObjective(engine, problem, weight_sum=ds.weight_sum)
         solver = make_solver(config.solver, config, problem, objective)
         store = begin.store
         if store is None:
@@ -204,8 +204,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                                             dataset=DatasetRef(uri=ds.path, fingerprint=ds.fingerprint(),
                                                                feature_names=ds.feature_names, target=ds.target,
                                                                n_rows=ds.n_rows, mean=mean, scale=scale,
-                                                               weight=getattr(ds, "weight", None),
-                                                               offset=getattr(ds, "offset", None)),
+                                                               weight=ds.weight, offset=ds.offset),
                                             n_params=problem.n_params, state_shapes=solver.state_shapes(),
                                             version=__version__)
                     t0 = time.perf_counter()
