@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy.special import gammaln, xlogy
 
 if TYPE_CHECKING:
     from pipeline.stats import TargetStats
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 AUC_BINS = 8192
 AUC_ZMAX = 32.0
 NEWTON_MAX_FEATURES = 4096  # the d×d Gram per pass and the driver's O(d³) solve stay cheap up to here
+Z_MAX = 700.0  # log-link exponentials take z clamped to ±Z_MAX: e^700 ≈ 1e304 is still finite
 
 
 def expit(z: np.ndarray) -> np.ndarray:
@@ -91,9 +93,9 @@ class Family(ABC):
         acc[0] += r.sum()
         return r
 
+    @abstractmethod
     def pearson(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(y − μ)²/V(μ) per row: the Pearson χ² terms (read when :attr:`uses_pearson`)."""
-        raise NotImplementedError(f"the {self.name} family estimates no dispersion from Pearson's χ²")
+        """(y − μ)²/V(μ) per row: the Pearson χ² terms (summed by the Newton pass when :attr:`uses_pearson`)."""
 
     def y_terms(self, y: np.ndarray) -> np.ndarray:
         """(n_y_terms, n) per-row quantities of y alone, whose weighted sums the Newton pass returns."""
@@ -148,13 +150,15 @@ class Family(ABC):
         """z of the intercept-only model (the mean prediction equals the mean of y)."""
 
     # ---- inference -------------------------------------------------------------------------------------
-    def dispersion(self, deviance: float, df_resid: float) -> float:
+    def dispersion(self, deviance: float, pearson: float, df_resid: float) -> float:
+        """φ from the deviance or Pearson's χ² (w-weighted sums) and the residual degrees of freedom."""
         return 1.0
 
     @abstractmethod
     def null_deviance(self, info: dict[str, Any]) -> float:
         """Deviance of the intercept-only model, from the information the fit's last pass holds: the TSQR
-        R factor of ``[1 | X_std | y]`` (``info["R"]``) or the Newton pass's ``n`` and ``sum_y``."""
+        R factor of ``[1 | X_std | y]`` (``info["R"]``) or the Newton pass's ``n`` (Σw), ``sum_y`` (Σwy) and
+        ``y_terms``. The null model is the weighted mean of y (an offset is not part of it)."""
 
     @property
     def checks_y(self) -> bool:
@@ -162,8 +166,9 @@ class Family(ABC):
         return type(self).invalid_y is not Family.invalid_y
 
     @abstractmethod
-    def aic(self, n: float, deviance: float, n_params: int) -> float:
-        """Akaike's criterion at the fitted model (statsmodels' convention)."""
+    def aic(self, info: dict[str, Any], deviance: float, n_params: int, dispersion: float) -> float:
+        """Akaike's criterion at the fitted model (statsmodels' convention; NaN where its likelihood needs
+        sums no pass collects). ``info`` as for :meth:`null_deviance`, plus ``rows`` and ``weighted``."""
 
 
 class Gaussian(Family):
@@ -203,7 +208,9 @@ class Gaussian(Family):
     def metric_sums(self, z, y, center, w=None):
         r = z - y
         c = y - center
-        return np.array([0.5 * (r @ r), 0.5 * (c @ c)])
+        if w is None:
+            return np.array([0.5 * (r @ r), 0.5 * (c @ c)])
+        return np.array([0.5 * (w @ (r * r)), 0.5 * (w @ (c * c))])
 
     def metrics(self, sums, n):
         sse, sst = 2 * float(sums[0]), 2 * float(sums[1])
@@ -213,14 +220,21 @@ class Gaussian(Family):
     def null_predictor(self, mean_y):
         return mean_y
 
-    def dispersion(self, deviance, df_resid):
+    def pearson(self, z, y):
+        return (y - z) ** 2
+
+    def dispersion(self, deviance, pearson, df_resid):
         return deviance / df_resid  # σ², the residual variance
 
     def null_deviance(self, info):
         R = info["R"]  # with the ones column first, what is left of y after the intercept: Σ(y − ȳ)²
         return float(R[1:, -1] @ R[1:, -1])
 
-    def aic(self, n, deviance, n_params):
+    def aic(self, info, deviance, n_params, dispersion):
+        """statsmodels OLS; weighted, its likelihood needs Σ log w, which no pass collects: NaN."""
+        if info.get("weighted"):
+            return math.nan
+        n = info["rows"]
         llf = -0.5 * n * (math.log(2 * math.pi) + math.log(deviance / n) + 1.0)  # σ² at its MLE RSS/n
         return -2.0 * llf + 2.0 * n_params  # statsmodels OLS counts the coefficients, not σ
 
@@ -300,12 +314,18 @@ class Binomial(Family):
         classes that ROC AUC is computed from (see ``pipeline.evaluate``). Class 1 iff z > 0 (p > 0.5), the
         tie rule of sklearn's ``LogisticRegression.predict``."""
         z0 = np.full_like(z, self.null_predictor(center))
-        correct = np.count_nonzero((z > 0) == (y > 0.5))
+        hit = (z > 0) == (y > 0.5)
         zc = np.clip(np.nan_to_num(z, nan=0.0), -AUC_ZMAX, AUC_ZMAX)  # NaN cannot be ranked (log-loss is NaN)
         idx = np.minimum(((zc + AUC_ZMAX) * (AUC_BINS / (2 * AUC_ZMAX))).astype(np.int64), AUC_BINS - 1)
-        pos = np.bincount(idx[y == 1], minlength=AUC_BINS)
-        neg = np.bincount(idx[y == 0], minlength=AUC_BINS)
-        return np.concatenate([[self.loss(z, y).sum(), self.loss(z0, y).sum(), correct], pos, neg]).astype(float)
+        if w is None:
+            pos = np.bincount(idx[y == 1], minlength=AUC_BINS)
+            neg = np.bincount(idx[y == 0], minlength=AUC_BINS)
+            sums = [self.loss(z, y).sum(), self.loss(z0, y).sum(), np.count_nonzero(hit)]
+        else:  # each row counts with its weight: weighted log-loss, accuracy and AUC (sklearn's sample_weight)
+            pos = np.bincount(idx[y == 1], weights=w[y == 1], minlength=AUC_BINS)
+            neg = np.bincount(idx[y == 0], weights=w[y == 0], minlength=AUC_BINS)
+            sums = [w @ self.loss(z, y), w @ self.loss(z0, y), w @ hit]
+        return np.concatenate([sums, pos, neg]).astype(float)
 
     def metrics(self, sums, n):
         pos, neg = sums[3:3 + AUC_BINS], sums[3 + AUC_BINS:]
@@ -319,8 +339,12 @@ class Binomial(Family):
             return math.copysign(800.0, mean_y - 0.5)  # one class only: the limit of the MLE, loss exactly 0
         return math.log(mean_y / (1.0 - mean_y))
 
-    def aic(self, n, deviance, n_params):
-        return deviance + 2.0 * n_params  # for 0/1 targets the log-likelihood is −deviance/2
+    def pearson(self, z, y):
+        p = expit(z)
+        return (y - p) ** 2 / (p * (1.0 - p))
+
+    def aic(self, info, deviance, n_params, dispersion):
+        return deviance + 2.0 * n_params  # for 0/1 targets the log-likelihood is −deviance/2 (weighted too)
 
     def null_deviance(self, info):
         n, sum_y = info["n"], info["sum_y"]
@@ -328,13 +352,203 @@ class Binomial(Family):
         return 2.0 * (n * float(np.logaddexp(0.0, z0)) - z0 * sum_y)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Gaussian(), Binomial())}
+class LogLink(Family):
+    """The Tweedie family of power p with a log link: Poisson (p = 1), Gamma (p = 2), compound Poisson–Gamma
+    (1 < p < 2). With μ = eᶻ and the unit deviance / 2 (glum's and scikit-learn's convention, ℓ = 0 at μ = y):
+
+        ℓ(z, y) = c(y) − y·κ₁(z) + κ₂(z),   ℓ′ = e⁽²⁻ᵖ⁾ᶻ − y·e⁽¹⁻ᵖ⁾ᶻ,   ℓ″ = (2−p)·e⁽²⁻ᵖ⁾ᶻ + (p−1)·y·e⁽¹⁻ᵖ⁾ᶻ
+
+    with κ₁ = e⁽¹⁻ᵖ⁾ᶻ/(1−p), κ₂ = e⁽²⁻ᵖ⁾ᶻ/(2−p) and c(y) = y²⁻ᵖ/((1−p)(2−p)) (the limits p → 1: κ₁ = z,
+    c = y log y − y; p → 2: κ₂ = z, c = −log y − 1). ℓ″ ≥ 0 for y ≥ 0, so the objective is convex.
+
+    Overflow: the exponentials take z clamped to ±``Z_MAX`` (700: e⁷⁰⁰ ≈ 1e304 is still finite), so a wild
+    trial step of a line search gets a huge, finite loss and is rejected, and nothing warns; any z a fit can
+    reach (|z| < 700 means μ between 1e-304 and 1e304) is computed exactly.
+    """
+
+    power = 1.0
+    gate_metric = "mean_deviance"
+    uses_pearson = True  # the dispersion is Pearson's χ²/df (statsmodels' default scale), except Poisson's
+    n_y_terms = 1
+    y_lower = 0.0
+
+    def __init__(self, power: float | None = None):
+        if power is not None:
+            self.power = float(power)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.power == self.power
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.power))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(power={self.power:g})"
+
+    # ---- pointwise math ------------------------------------------------------------------------------
+    def _exps(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(clamped z, e^{(1−p)z}, e^{(2−p)z}); an exponent of 0 (p = 1 or 2) is exactly 1."""
+        zc = np.clip(z, -Z_MAX, Z_MAX)
+        p = self.power
+        with np.errstate(under="ignore"):
+            a = np.ones_like(zc) if p == 1.0 else np.exp((1.0 - p) * zc)
+            b = np.ones_like(zc) if p == 2.0 else np.exp((2.0 - p) * zc)
+        return zc, a, b
+
+    def _c(self, y: np.ndarray) -> np.ndarray:
+        p = self.power
+        if p == 1.0:
+            return xlogy(y, y) - y
+        if p == 2.0:
+            return -np.log(y) - 1.0
+        return np.power(y, 2.0 - p) / ((1.0 - p) * (2.0 - p))
+
+    def _loss(self, zc, a, b, y):
+        p = self.power
+        k1 = zc if p == 1.0 else a / (1.0 - p)
+        k2 = zc if p == 2.0 else b / (2.0 - p)
+        return self._c(y) - y * k1 + k2
+
+    def loss(self, z, y):
+        return self._loss(*self._exps(np.asarray(z, dtype=np.float64)), y)
+
+    def d1(self, z, y):
+        _, a, b = self._exps(np.asarray(z, dtype=np.float64))
+        return b - y * a
+
+    def d2(self, z, y):
+        _, a, b = self._exps(np.asarray(z, dtype=np.float64))
+        return (2.0 - self.power) * b + (self.power - 1.0) * y * a
+
+    def derivatives(self, z, y):
+        zc, a, b = self._exps(z)
+        return self._loss(zc, a, b, y), b - y * a, (2.0 - self.power) * b + (self.power - 1.0) * y * a
+
+    def residual(self, z, y, b, acc, *buffers):
+        z += b
+        loss, r, _ = self.derivatives(z, y)
+        acc[1] += loss.sum()
+        acc[0] += r.sum()
+        return r
+
+    def inverse_link(self, z):
+        with np.errstate(under="ignore"):
+            return np.exp(np.clip(np.asarray(z, dtype=np.float64), -Z_MAX, Z_MAX))
+
+    # ---- the target ------------------------------------------------------------------------------------
+    def invalid_y(self, y):
+        return ~np.isfinite(y) | ((y <= 0) if self.y_lower_strict else (y < 0))
+
+    def y_domain(self):
+        return "positive values (y > 0)" if self.y_lower_strict else "non-negative values (y ≥ 0)"
+
+    def y_advice(self):
+        return " Use --model tweedie or poisson for targets with zeros." if self.y_lower_strict else ""
+
+    # ---- metrics -----------------------------------------------------------------------------------------
+    def metric_sums(self, z, y, center, w=None):
+        z0 = np.full_like(z, self.null_predictor(center))
+        if w is None:
+            return np.array([self.loss(z, y).sum(), self.loss(z0, y).sum()])
+        return np.array([w @ self.loss(z, y), w @ self.loss(z0, y)])
+
+    def metrics(self, sums, n):
+        dev, null = 2 * float(sums[0]), 2 * float(sums[1])
+        return {"mean_deviance": dev / n, "d2": 1.0 - dev / null if null > 0 else math.nan, "deviance": dev,
+                "null_deviance": null}
+
+    def null_predictor(self, mean_y):
+        # all-zero targets (Poisson/Tweedie): the limit μ → 0, clamped where e^z is still a normal float
+        return math.log(mean_y) if mean_y > 0 else -Z_MAX
+
+    # ---- inference -------------------------------------------------------------------------------------
+    def pearson(self, z, y):
+        zc, _, _ = self._exps(z)
+        with np.errstate(under="ignore", over="ignore"):
+            mu = np.exp(zc)
+            return (y - mu) ** 2 * np.exp(-self.power * zc)  # (y − μ)²/μᵖ
+
+    def y_terms(self, y):
+        return self._c(y)[None, :]
+
+    def dispersion(self, deviance, pearson, df_resid):
+        return pearson / df_resid
+
+    def null_deviance(self, info):
+        n, sum_y = info["n"], info["sum_y"]
+        z0 = self.null_predictor(sum_y / n)
+        _, a, b = self._exps(np.array([z0]))
+        p = self.power
+        k1 = z0 if p == 1.0 else float(a[0]) / (1.0 - p)
+        k2 = z0 if p == 2.0 else float(b[0]) / (2.0 - p)
+        return 2.0 * (float(info["y_terms"][0]) - k1 * sum_y + k2 * n)
+
+    def aic(self, info, deviance, n_params, dispersion):
+        """Tweedie with 1 < p < 2 has no closed-form likelihood: NaN (statsmodels' is a series expansion)."""
+        return math.nan
+
+
+class Poisson(LogLink):
+    """Counts (or rates with an offset log(exposure)): ℓ = y log y − y − yz + eᶻ."""
+
+    name = "poisson"
+    power = 1.0
+    uses_pearson = False  # φ = 1
+    n_y_terms = 2
+
+    def y_terms(self, y):
+        return np.stack([self._c(y), gammaln(y + 1.0)])
+
+    def dispersion(self, deviance, pearson, df_resid):
+        return 1.0
+
+    def aic(self, info, deviance, n_params, dispersion):
+        # statsmodels: llf = Σ w (y log μ − μ − log y!) = −deviance/2 + Σ w (y log y − y − log y!)
+        c, lgam = (float(v) for v in info["y_terms"][:2])
+        return -2.0 * (-0.5 * deviance + c - lgam) + 2.0 * n_params
+
+
+class Gamma(LogLink):
+    """Positive, right-skewed targets (severities, durations): ℓ = z − log y + y e⁻ᶻ − 1."""
+
+    name = "gamma"
+    power = 2.0
+    y_lower_strict = True
+
+    def aic(self, info, deviance, n_params, dispersion):
+        """statsmodels' Gamma log-likelihood at the estimated dispersion φ, for unit weights:
+        llf = n(ν log ν − ν − log Γ(ν)) − ν·deviance/2 − Σ log y with ν = 1/φ. Its var_weights variant needs
+        per-row terms of the weights that no pass collects: NaN for a weighted fit."""
+        if info.get("weighted"):
+            return math.nan
+        n, nu = info["n"], 1.0 / dispersion
+        sum_log_y = -(float(info["y_terms"][0]) + n)  # c(y) = −log y − 1
+        llf = n * (nu * math.log(nu) - nu - math.lgamma(nu)) - nu * 0.5 * deviance - sum_log_y
+        return -2.0 * llf + 2.0 * n_params
+
+
+class Tweedie(LogLink):
+    """Compound Poisson–Gamma, 1 < p < 2: non-negative targets with exact zeros (pure premiums)."""
+
+    name = "tweedie"
+    power = 1.5
+
+    def __init__(self, power: float | None = None):
+        super().__init__(power)
+        if not 1.0 < self.power < 2.0:
+            raise ValueError(f"the Tweedie power must be between 1 and 2 (exclusive), not {self.power:g}; "
+                             f"use --model poisson for 1 or --model gamma for 2.")
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Gaussian(), Binomial(), Poisson(), Gamma(), Tweedie())}
 
 
 def get_family(family: str | Family, power: float | None = None) -> Family:
     """The family object for a name (``power``: the Tweedie power, ignored by families without one)."""
     if isinstance(family, Family):
         return family
+    if family == "tweedie" and power is not None:
+        return Tweedie(power)
     try:
         return FAMILIES[family]
     except KeyError:

@@ -1,5 +1,8 @@
 """Inference for unpenalized GLMs: standard errors, t/z statistics, p-values, confidence intervals, fit statistics.
 
+With sample weights the weights are precision weights (statsmodels ``var_weights``); φ is Pearson's χ²/df
+for Gamma and Tweedie (statsmodels' default scale) and 1 for Poisson.
+
 The covariance of the estimates is φ·(AᵀWA)⁻¹ with A = [X_std, 1] and W = ℓ'' at the optimum: from the
 TSQR factor for linear models ((AᵀA)⁻¹ = R⁻¹R⁻ᵀ, never forming AᵀA) and from the Newton pass's weighted
 Gram otherwise. φ is the residual variance RSS/(n − p) for linear models (t statistics, n − p degrees of
@@ -44,24 +47,30 @@ def unavailable(reason: str) -> dict[str, Any]:
     return {"available": False, "reason": reason}
 
 
-def summarize(problem: Problem, info: dict[str, Any], theta: np.ndarray, loss: float, n: float,
+def summarize(problem: Problem, info: dict[str, Any], theta: np.ndarray, loss: float,
               feature_names: list[str]) -> dict[str, Any]:
-    """The inference record (JSON-ready) at the fitted θ, whose mean loss is ``loss``."""
+    """The inference record (JSON-ready) at the fitted θ, whose mean loss is ``loss``.
+
+    ``info`` holds the pass's sums: ``n`` = Σw, ``rows`` = rows with w > 0 (the residual degrees of freedom
+    are rows − p: weights are precision weights, statsmodels' ``var_weights``), ``weighted``, and the
+    family's ``R`` or ``gram_sum``/``sum_y``/``pearson``/``y_terms`` (see ``losses.newton_layout``)."""
     fam = problem.family
     if problem.penalty.active:
         return unavailable(NOT_PENALIZED)
     p = problem.n_params
-    df_resid = n - p
+    n, rows = float(info["n"]), float(info.get("rows", info["n"]))
+    df_resid = rows - p
     if df_resid <= 0:
-        return unavailable(f"no p-values: {int(n)} rows leave no residual degrees of freedom for {p} parameters")
+        return unavailable(f"no p-values: {int(rows)} rows leave no residual degrees of freedom for {p} "
+                           f"parameters")
     try:
         cov_std = unscaled_covariance(info)
     except (np.linalg.LinAlgError, linalg.LinAlgError, ValueError):
         return unavailable("no p-values: XᵀWX is singular (linearly dependent features)")
     if not np.all(np.isfinite(cov_std)):
         return unavailable("no p-values: XᵀWX is singular (linearly dependent features)")
-    deviance = 2.0 * n * loss  # unpenalized: the mean loss is half the mean unit deviance
-    phi = fam.dispersion(deviance, df_resid)
+    deviance = 2.0 * n * loss  # unpenalized: the (weighted) mean loss is half the mean unit deviance
+    phi = fam.dispersion(deviance, info.get("pearson", math.nan), df_resid)
     T = original_jacobian(problem.mean, problem.scale)
     cov = phi * (T @ cov_std @ T.T)
     coef, intercept = problem.to_original(theta)
@@ -77,12 +86,12 @@ def summarize(problem: Problem, info: dict[str, Any], theta: np.ndarray, loss: f
         "available": True, "names": [*feature_names, "intercept"], "estimate": est.tolist(), "std_error": se.tolist(),
         "statistic_name": fam.stat_name, "statistic": stat.tolist(), "p_value": pvalues.tolist(),
         "ci_level": LEVEL, "ci_low": (est - crit * se).tolist(), "ci_high": (est + crit * se).tolist(),
-        "n": int(n), "df_resid": float(df_resid), "dispersion": phi, "deviance": deviance, "null_deviance": null,
-        "aic": fam.aic(n, deviance, p),
+        "n": int(rows), "df_resid": float(df_resid), "dispersion": phi, "deviance": deviance, "null_deviance": null,
+        "aic": fam.aic(info, deviance, p, phi),
     }
     if fam.stat_name == "t":  # an estimated dispersion: the linear model's residual scale and R²
         r2 = 1.0 - deviance / null if null > 0 else math.nan
-        out.update(residual_std_error=math.sqrt(phi), r2=r2, adj_r2=1.0 - (1.0 - r2) * (n - 1) / df_resid)
+        out.update(residual_std_error=math.sqrt(phi), r2=r2, adj_r2=1.0 - (1.0 - r2) * (rows - 1) / df_resid)
     return out
 
 

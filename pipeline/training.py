@@ -190,7 +190,8 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
     engine = _engine(client, ds, config)
     engine.name = begin.run_id  # the dashboard shows gradpipe-pass-<run id>-<pass>
     try:
-        objective = ClusterObjective(engine, problem, weight_sum=ds.weight_sum)
+        objective = ClusterObjective(engine, problem, weight_sum=ds.weight_sum, weighted_rows=ds.n_weighted_rows,
+                                     weighted=ds.has_weights)
         solver = make_solver(config.solver, config, problem, objective)
         store = begin.store
         if store is None:
@@ -372,7 +373,10 @@ def _inference(solver: Solver, objective: ClusterObjective, row: Row, status: st
             info = {"R": objective.r_factor()}
         else:
             _, _, _, info = objective.newton(row.theta)
-    return inference.summarize(problem, info, row.theta, row.loss, objective.n_rows, list(problem.feature_names))
+    if "R" in info:  # the TSQR pass holds no counts: the dataset's
+        info = {**info, "n": objective.weight_sum, "rows": objective.weighted_rows}
+    info = {**info, "weighted": objective.weighted}
+    return inference.summarize(problem, info, row.theta, row.loss, list(problem.feature_names))
 
 
 def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObjective, config: TrainConfig,

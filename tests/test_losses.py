@@ -287,7 +287,7 @@ def test_empty_chunk_returns_zeros():
 def test_bad_inputs_raise():
     X, y, mean, scale, theta = make_data("linear")
     with pytest.raises(ValueError, match="linear"):
-        L.chunk_sums("poisson", X, y, theta)
+        L.chunk_sums("probit", X, y, theta)
     with pytest.raises(ValueError):
         L.chunk_sums("linear", X, y, theta[:-1])
     with pytest.raises(ValueError):
