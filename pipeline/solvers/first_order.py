@@ -1,7 +1,10 @@
-"""First-order solvers: full-batch gradient descent, momentum, Nesterov, Adam, and mini-batch SGD.
+"""First-order solvers: full-batch gradient descent (FISTA with an L1 penalty), momentum, Nesterov, Adam, and
+mini-batch SGD.
 
 ``--lr auto`` takes a Jacobi-preconditioned step from the spectrum of a curvature bound (one Gram pass at
-start, see :func:`curvature`); a fixed ``--lr`` is the plain method. Each step is one value+gradient pass.
+start, see :func:`curvature`); a fixed ``--lr`` is the plain method. Each step is one value+gradient pass
+(gd: plus rejected line-search trials and FISTA's momentum point). Only gd handles an L1 penalty or a family
+without a curvature bound under ``--lr auto``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from pipeline import optim
 from pipeline.errors import GradpipeError
-from pipeline.solvers.base import Row, Solver, StopOptions, armijo_ok
+from pipeline.solvers.base import EPS, Row, Solver, StopOptions, armijo_ok
 
 
 @dataclass(frozen=True)
@@ -67,45 +70,157 @@ class Preconditioned(Solver):
         return {"precond": self.P.tolist()}
 
 
+def no_bound_message(problem) -> str:
+    """Why ``--lr auto`` has no step for a momentum-type solver on a family without a curvature bound."""
+    return (f"--lr auto needs a bound on the curvature, which the {problem.family.name} family does not have; "
+            f"give --lr, or use --solver gd (line search), lbfgs or newton.")
+
+
 class GradientDescent(Preconditioned):
-    """Full-batch GD. ``lr='auto'``: the preconditioned step 2/(L+μ) when the Hessian is constant (then H is
-    exact), 1/L for a bound, kept safe by an Armijo test on the loss that the next gradient's pass computes
-    anyway — a rejected step costs one extra pass, which ``passes`` reports."""
+    """Full-batch GD, and proximal gradient (FISTA) when the penalty has an L1 part.
+
+    ``lr='auto'`` with a curvature bound: the preconditioned step 2/(L+μ) when the Hessian is constant (then H
+    is exact), 1/L for a bound, kept safe by an Armijo test on the loss that the next gradient's pass computes
+    anyway — a rejected step costs one extra pass, which ``passes`` reports. Without a bound (log-link
+    families): a backtracking line search whose step doubles after a step accepted at once, so a step halved
+    in a stiff region grows back where the curvature is lower.
+
+    L1 (``λ₁ > 0``): FISTA (Beck & Teboulle) on smooth part f = loss + λ₂ term and the L1 part, with adaptive
+    restart (O'Donoghue & Candès): the momentum is dropped when F increases — the step is then redone from θ_k
+    as a plain proximal step, so rows' F never increases — or when (y_k − θ_{k+1})ᵀ(θ_{k+1} − θ_k) > 0. The
+    metric is diagonal (P): min_u ∇f(y)ᵀu + Σ(u_j − y_j)²/(2ηP_j) + Σ a_j|u_j| separates by coordinate, so the
+    prox is the soft-threshold at ηP_j·a_j of y − ηP⊙∇f(y): exact zeros. Each iteration is one pass at θ_{k+1}
+    (its F for the restart test and the sufficient-decrease test of f) plus one at y_{k+1} when the momentum is
+    not zero (the next gradient). The momentum point y, ∇f(y) and F(y) live in the rows (``state/y``,
+    ``state/y_grad``), t, η and F(y) in ``resume_state``.
+    """
 
     name = "gd"
     Options = StepOptions
 
+    @property
+    def _proximal(self) -> bool:
+        return not self.problem.penalty.smooth
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"y": (self.n_params,), "y_grad": (self.n_params,)} if self._proximal else {}
+
     def start(self, theta0: np.ndarray) -> Row:
-        if self.opt.lr == "auto":
+        self.search = False  # backtracking with regrowth (no curvature bound)
+        if self.opt.lr == "auto" and self.problem.family.curvature_bound is None:
+            # No Gram pass: with standardized columns the loss's Jacobi diagonal is ~1 per coordinate times an
+            # unknown factor the line search finds; the λ₂/s² of the penalty is known exactly.
+            self.P = 1.0 / (1.0 + self.problem.penalty.hess_diag(self.problem.scale))
+            self.eta, self.search = 1.0, True
+        elif self.opt.lr == "auto":
             cv = curvature(self.obj.hessian_bound())
             self.P = cv.P
-            self.eta = 2.0 / (cv.L + cv.mu) if self.problem.family.constant_hessian else 1.0 / cv.L
+            constant = self.problem.family.constant_hessian and not self._proximal
+            self.eta = 2.0 / (cv.L + cv.mu) if constant else 1.0 / cv.L
         else:
             self.eta = float(self.opt.lr)
-        return super().start(theta0)
+        row = super().start(theta0)
+        if self._proximal:
+            self.t, self.y_loss, self.restarts = 1.0, row.loss, 0
+            row.state = {"y": row.theta.copy(), "y_grad": row.grad.copy()}
+        return row
 
     def restore(self, row: Row, resume: dict[str, Any]) -> None:
         super().restore(row, resume)
         self.eta = float(resume["eta"])
+        self.search = bool(resume.get("search", False))
+        if self._proximal:
+            self.t, self.y_loss = float(resume["t"]), float(resume["y_loss"])
+            self.restarts = int(resume["restarts"])
 
     def resume_state(self) -> dict[str, Any]:
-        return {**super().resume_state(), "eta": self.eta}
+        out = {**super().resume_state(), "eta": self.eta, "search": self.search}
+        if self._proximal:
+            out.update(t=self.t, y_loss=self.y_loss, restarts=self.restarts)
+        return out
+
+    def _shrink(self) -> None:
+        self.eta /= 2.0  # rejected: retry from the same point with half the step
+        if self.eta < 1e-20:
+            raise GradpipeError("the line search could not decrease the loss; the data may hold "
+                                "extreme values (check `gradpipe runs show`).")
 
     def step(self) -> Row:
+        return self._fista() if self._proximal else self._gradient()
+
+    def _gradient(self) -> Row:
         cur = self.row
         direction = self.P * cur.grad
         gg = float(cur.grad @ direction)
+        first = True
         while True:
             theta = cur.theta - self.eta * direction
             loss, grad = self.obj.value_grad(theta)
             if self.opt.lr != "auto" or not math.isfinite(cur.loss) or armijo_ok(loss, cur.loss, -gg, self.eta):
                 break
-            self.eta /= 2.0  # rejected: retry from the same point with half the step
-            if self.eta < 1e-20:
-                raise GradpipeError("the line search could not decrease the loss; the data may hold "
-                                    "extreme values (check `gradpipe runs show`).")
+            self._shrink()
+            first = False
         self.row = Row(theta, loss, grad, self.eta, {})
+        if self.search and first:
+            self.eta *= 2.0  # accepted at once: try a longer step next time
         return self.row
+
+    def _fista(self) -> Row:
+        cur, pen, scale = self.row, self.problem.penalty, self.problem.scale
+        l1 = type(pen)(pen.l1, 0.0)  # the λ₂ part is in f (its gradient is in every row's grad)
+        y, gy, Fy = cur.state["y"], cur.state["y_grad"], self.y_loss
+        momentum = not np.array_equal(y, cur.theta)
+        first = True
+        while True:
+            step = self.eta * self.P
+            theta = l1.prox(y - step * gy, step, scale)
+            loss, grad = self.obj.value_grad(theta)
+            if self.opt.lr == "auto" and math.isfinite(Fy):
+                # f(θ⁺) ≤ f(y) + ∇f(y)ᵀΔ + ‖Δ‖²_{(ηP)⁻¹}/2: the step is within the local curvature.
+                delta = theta - y
+                f_new, f_y = loss - l1.l1_value(theta, scale), Fy - l1.l1_value(y, scale)
+                bound = f_y + float(gy @ delta) + 0.5 * float(delta @ (delta / step))
+                if not (math.isfinite(loss) and f_new <= bound + 8 * EPS * max(abs(f_y), abs(Fy))):
+                    self._shrink()
+                    first = False
+                    continue
+            if loss > cur.loss and momentum:
+                # F went up: drop the momentum and redo the step from θ_k (its gradient is in the row).
+                self.restarts += 1
+                self.t, y, gy, Fy, momentum = 1.0, cur.theta, cur.grad, cur.loss, False
+                continue
+            break
+        used = self.eta
+        if self.search and first:
+            self.eta *= 2.0
+        if float((y - theta) @ (theta - cur.theta)) > 0:  # the momentum points away from the descent
+            self.restarts += 1
+            self.t = 1.0
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * self.t * self.t))
+        beta = (self.t - 1.0) / t_next
+        self.t = t_next
+        if beta > 0:
+            y_new = theta + beta * (theta - cur.theta)
+            self.y_loss, gy_new = self.obj.value_grad(y_new)
+        else:
+            y_new, self.y_loss, gy_new = theta.copy(), loss, grad.copy()
+        self.row = Row(theta, loss, grad, used, {"y": y_new, "y_grad": gy_new})
+        return self.row
+
+
+def smooth_only(cls: type, problem) -> str | None:
+    """The momentum-type solvers and SGD take plain gradient steps, which an L1 term has none of."""
+    if not problem.penalty.smooth:
+        return (f"--solver {cls.name} takes plain gradient steps and cannot handle an L1 penalty (--l1 > 0); "
+                f"use --solver gd (proximal gradient), lbfgs (OWL-QN) or newton.")
+    return None
+
+
+def auto_bound(solver: Solver, precondition: bool = True) -> Curvature:
+    """The curvature bound's spectrum for ``--lr auto``, or a message naming the solvers that need none."""
+    if solver.problem.family.curvature_bound is None:
+        raise GradpipeError(no_bound_message(solver.problem))
+    return curvature(solver.obj.hessian_bound(), precondition)
 
 
 class _Optax(Preconditioned):
@@ -113,13 +228,17 @@ class _Optax(Preconditioned):
 
     state_fields: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def unsupported(cls, problem) -> str | None:
+        return smooth_only(cls, problem)
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: (self.n_params,) for k in self.state_fields}
 
     def _initial_lr(self, grad0: np.ndarray) -> float:
         if self.opt.lr != "auto":
             return float(self.opt.lr)
-        cv = curvature(self.obj.hessian_bound())  # momentum / Nesterov follow the preconditioned gradient
+        cv = auto_bound(self)  # momentum / Nesterov follow the preconditioned gradient
         self.P = cv.P
         return 1.0 / cv.L
 
@@ -128,6 +247,8 @@ class _Optax(Preconditioned):
         """The optimizer at the current step size."""
 
     def start(self, theta0: np.ndarray) -> Row:
+        if self.opt.lr == "auto" and self.problem.family.curvature_bound is None:
+            raise GradpipeError(no_bound_message(self.problem))  # before the first pass
         row = super().start(theta0)
         self.eta = self._initial_lr(row.grad)
         self.opt_state = self._build().init(theta0)
@@ -179,7 +300,7 @@ class Adam(_Optax):
         if self.opt.lr != "auto":
             return float(self.opt.lr)
         # Adam scales each coordinate itself (no preconditioner): start from the size of a safe GD step.
-        L = curvature(self.obj.hessian_bound(), precondition=False).L
+        L = auto_bound(self, precondition=False).L
         return max(float(np.max(np.abs(grad0))) / L, 1e-8)
 
     def _build(self) -> optim.Optimizer:
@@ -205,10 +326,14 @@ class MiniBatchSGD(Preconditioned):
     name = "sgd"
     Options = SGDOptions
 
+    @classmethod
+    def unsupported(cls, problem) -> str | None:
+        return smooth_only(cls, problem)
+
     def start(self, theta0: np.ndarray) -> Row:
         self._split()
         if self.opt.lr == "auto":
-            cv = curvature(self.obj.hessian_bound())
+            cv = auto_bound(self)
             self.eta0, self.P = 1.0 / cv.L, cv.P
         else:
             self.eta0 = float(self.opt.lr)
