@@ -62,6 +62,7 @@ class Family(ABC):
     y_lower_strict = False
     uses_pearson = False  # the Newton pass sums the Pearson χ² terms (an estimated dispersion needs them)
     n_y_terms = 0  # how many y-only per-row terms :meth:`y_terms` gives (their weighted sums: null deviance, AIC)
+    canonical = True  # ℓ'' does not depend on y: observed and expected information agree (see :meth:`fisher`)
 
     # ---- pointwise math ------------------------------------------------------------------------------
     @abstractmethod
@@ -75,6 +76,11 @@ class Family(ABC):
     @abstractmethod
     def d2(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """∂²ℓ/∂z² per row (the IRLS weight)."""
+
+    def fisher(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """E[ℓ''] per row, the expected information's weight: ℓ'' itself for a canonical link (linear,
+        logistic, Poisson). Standard errors use it, as statsmodels and glum do; Newton steps use ℓ''."""
+        return self.d2(z, y)
 
     def derivatives(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ℓ, ℓ', ℓ'') per row at once (the Newton pass); families share their intermediate terms."""
@@ -368,6 +374,7 @@ class LogLink(Family):
 
     power = 1.0
     gate_metric = "mean_deviance"
+    canonical = False  # the log link is canonical for Poisson only
     uses_pearson = True  # the dispersion is Pearson's χ²/df (statsmodels' default scale), except Poisson's
     n_y_terms = 1
     y_lower = 0.0
@@ -420,6 +427,10 @@ class LogLink(Family):
         _, a, b = self._exps(np.asarray(z, dtype=np.float64))
         return (2.0 - self.power) * b + (self.power - 1.0) * y * a
 
+    def fisher(self, z, y):
+        """E[ℓ''] = μ²⁻ᵖ = e⁽²⁻ᵖ⁾ᶻ (y replaced by its mean μ in ℓ'')."""
+        return self._exps(np.asarray(z, dtype=np.float64))[2]
+
     def derivatives(self, z, y):
         zc, a, b = self._exps(z)
         return self._loss(zc, a, b, y), b - y * a, (2.0 - self.power) * b + (self.power - 1.0) * y * a
@@ -463,10 +474,11 @@ class LogLink(Family):
 
     # ---- inference -------------------------------------------------------------------------------------
     def pearson(self, z, y):
-        zc, _, _ = self._exps(z)
-        with np.errstate(under="ignore", over="ignore"):
-            mu = np.exp(zc)
-            return (y - mu) ** 2 * np.exp(-self.power * zc)  # (y − μ)²/μᵖ
+        """(y − μ)²/μᵖ, as (y·μ^{−p/2} − μ^{1−p/2})²: each factor stays finite for |z| ≤ Z_MAX, (y − μ)² would not."""
+        zc = np.clip(np.asarray(z, dtype=np.float64), -Z_MAX, Z_MAX)
+        with np.errstate(under="ignore"):
+            r = y * np.exp(-0.5 * self.power * zc) - np.exp((1.0 - 0.5 * self.power) * zc)
+        return r * r
 
     def y_terms(self, y):
         return self._c(y)[None, :]
@@ -493,6 +505,7 @@ class Poisson(LogLink):
 
     name = "poisson"
     power = 1.0
+    canonical = True
     uses_pearson = False  # φ = 1
     n_y_terms = 2
 

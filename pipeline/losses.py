@@ -146,13 +146,14 @@ def newton_layout(n_params: int, n_y_terms: int = 0) -> dict[str, slice]:
 
 def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.ndarray, mean=None, scale=None,
                  block_rows: int | None = None, *, w: np.ndarray | None = None,
-                 offset: np.ndarray | None = None) -> np.ndarray:
+                 offset: np.ndarray | None = None, fisher: bool = False) -> np.ndarray:
     """Value, gradient and weighted Gram of one chunk, flat (see :func:`newton_layout`).
 
     Per row block, in one cache-sized buffer: the centred block ``C = [X - mean, 1]``, ``z = C·[w/scale, b]``
     (+ offset), ℓ, ℓ', ℓ'' from the family at once (times the sample weights), ``Cᵀℓ'``, then C scaled in
     place by √ℓ'' and ``Σ ℓ''·c cᵀ`` by BLAS ``syrk`` (half the flops of a general product). The 1/scale of
     the standardization is applied once to the (d+1)-vector and the (d+1)² matrix at the end, not to every row.
+    ``fisher``: the Gram of the expected information (``Family.fisher``) instead of ℓ'' (standard errors).
     """
     fam = get_family(family)
     X, y = _check_X(X, y)
@@ -176,6 +177,8 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
         if offset is not None:
             z += offset[start:stop]
         loss, r, h = fam.derivatives(z, yb)
+        if fisher:
+            h = fam.fisher(z, yb)
         if w is None:
             loss_sum += float(loss.sum())
             sum_y += float(yb.sum())

@@ -22,8 +22,8 @@ def _sums(X, y, w, offset, family: Family, theta, mean, scale) -> np.ndarray:
     return losses.chunk_sums(family, X, y, theta, mean, scale, w=w, offset=offset)
 
 
-def _newton(X, y, w, offset, family: Family, theta, mean, scale) -> np.ndarray:
-    return losses.chunk_newton(family, X, y, theta, mean, scale, w=w, offset=offset)
+def _newton(X, y, w, offset, family: Family, theta, mean, scale, fisher: bool = False) -> np.ndarray:
+    return losses.chunk_newton(family, X, y, theta, mean, scale, w=w, offset=offset, fisher=fisher)
 
 
 def _qr(X, y, w, offset, mean, scale) -> np.ndarray:
@@ -76,12 +76,13 @@ class ClusterObjective:
         sums = self.engine.map_reduce(_sums, fam, theta, mean, scale, positions=positions)
         return self.problem.finish(sums[-2], sums[:-2], sums[-1], theta)
 
-    def newton(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, dict[str, float]]:
+    def newton(self, theta: np.ndarray, fisher: bool = False) -> tuple[float, np.ndarray, np.ndarray, dict[str, float]]:
         """Value, gradient, Hessian of L at θ, and the raw sums inference needs (``gram_sum``; ``n`` = Σw,
-        ``rows`` with w > 0, ``sum_y`` = Σwy, ``pearson``, ``y_terms``: see ``losses.newton_layout``): one pass."""
+        ``rows`` with w > 0, ``sum_y`` = Σwy, ``pearson``, ``y_terms``: see ``losses.newton_layout``): one pass.
+        ``fisher``: the Hessian of the expected information (inference for a non-canonical link)."""
         self.passes += 1
         fam, mean, scale = self._args
-        flat = self.engine.map_reduce(_newton, fam, theta, mean, scale, result_bytes=self._gram_bytes)
+        flat = self.engine.map_reduce(_newton, fam, theta, mean, scale, fisher, result_bytes=self._gram_bytes)
         at = losses.newton_layout(self.problem.n_params, fam.n_y_terms)
         p, n = self.problem.n_params, float(flat[at["n"]][0])
         gram_sum = flat[at["gram"]].reshape(p, p)

@@ -368,6 +368,8 @@ def _inference(solver: Solver, objective: ClusterObjective, row: Row, status: st
     if status != "converged":
         return inference.unavailable(f"no p-values: the run did not converge ({status})")
     info = solver.information()
+    if not problem.family.canonical:  # standard errors from the expected information, as statsmodels and glum
+        info = objective.newton(row.theta, fisher=True)[3]
     if info is None or (problem.family.information == "qr") != ("R" in info):
         if problem.family.information == "qr":
             info = {"R": objective.r_factor()}
