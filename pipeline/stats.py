@@ -79,7 +79,8 @@ class FeatureStats:
                 xj = XT[j].astype(np.float64, copy=False)
                 mean[j] = (xj @ w) / total
                 dev = xj - mean[j]
-                m2[j] = (w * dev) @ dev
+                dev *= dev  # in place: one temporary per feature, as in the unweighted path
+                m2[j] = dev @ w
         return cls(n, mean, m2, XT.min(axis=1).astype(np.float64), XT.max(axis=1).astype(np.float64),
                    total, int(np.count_nonzero(w > 0)))
 
