@@ -474,11 +474,13 @@ class LogLink(Family):
 
     # ---- inference -------------------------------------------------------------------------------------
     def pearson(self, z, y):
-        """(y − μ)²/μᵖ, as (y·μ^{−p/2} − μ^{1−p/2})²: each factor stays finite for |z| ≤ Z_MAX, (y − μ)² would not."""
+        """(y − μ)²/μᵖ, as (y·μ^{−p/2} − μ^{1−p/2})², whose factors stay finite for |z| ≤ Z_MAX where (y − μ)²
+        would not; a term whose true value exceeds the float range (|z| ≳ 350 at y ~ 1) is +inf, silently:
+        it is only summed at a fitted optimum, where such a term means the model is degenerate anyway."""
         zc = np.clip(np.asarray(z, dtype=np.float64), -Z_MAX, Z_MAX)
-        with np.errstate(under="ignore"):
+        with np.errstate(under="ignore", over="ignore"):
             r = y * np.exp(-0.5 * self.power * zc) - np.exp((1.0 - 0.5 * self.power) * zc)
-        return r * r
+            return r * r
 
     def y_terms(self, y):
         return self._c(y)[None, :]
