@@ -114,7 +114,11 @@ class Newton(Solver):
         decrement = -float(row.grad @ row.state["direction"])
         if not self.problem.penalty.smooth:
             decrement -= self._l1_change(row.theta, row.state["direction"])
-        if 0.5 * decrement <= 8 * EPS * max(abs(row.loss), 1e-300):
+        # The loss cannot tell θ's last √eps apart: a pending step that is not itself at rounding level is
+        # still taken (the line search accepts a change within rounding), and the step rule below ends the run.
+        size = max(1.0, float(np.max(np.abs(row.theta))))
+        if (0.5 * decrement <= 8 * EPS * max(abs(row.loss), 1e-300)
+                and float(np.max(np.abs(row.state["direction"]))) <= 16 * EPS * size):
             return "Newton decrement at rounding level"
         if row.lr == 1.0 and self.last_step <= math.sqrt(self.opt.tol) * max(1.0, float(np.max(np.abs(row.theta)))):
             return f"full Newton step of relative size ≤ √tol ({math.sqrt(self.opt.tol):g})"
