@@ -130,6 +130,8 @@ def l1_quadratic(H: np.ndarray, g: np.ndarray, theta0: np.ndarray, a: np.ndarray
     theta0 = np.asarray(theta0, dtype=np.float64)
     a = np.asarray(a, dtype=np.float64)
     d = len(g)
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
+        raise GradpipeError("the Hessian or gradient is not finite; the data may hold NaN or extreme values.")
     diag_arr = np.diag(H).copy()
     usable = diag_arr > 0
     theta = theta0.copy()
