@@ -195,7 +195,7 @@ def test_a_target_outside_the_domain_is_refused_before_a_cluster(tmp_path, clien
     assert main(["train", "--dataset", str(tmp_path / "n.zarr"), "--model", "poisson", "--runs-dir",
                  str(tmp_path / "runs"), "--scheduler", "tcp://127.0.0.1:1"]) == 2  # no cluster is reached
     err = capsys.readouterr().err
-    assert "poisson" in err and "≥ 0" in err and "-1.5" in err
+    assert "poisson" in err and "≥ 0" in err and "-1.5 in row 17" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
