@@ -61,7 +61,7 @@ class Family(ABC):
     y_lower: float | None = None
     y_lower_strict = False
     uses_pearson = False  # the Newton pass sums the Pearson χ² terms (an estimated dispersion needs them)
-    n_y_terms = 0  # how many y-only per-row terms :meth:`y_terms` gives (their weighted sums: null deviance, AIC)
+    n_y_terms = 0  # how many per-row terms :meth:`y_terms` gives (their weighted sums: null deviance, AIC)
     canonical = True  # ℓ'' does not depend on y: observed and expected information agree (see :meth:`fisher`)
 
     # ---- pointwise math ------------------------------------------------------------------------------
@@ -103,8 +103,10 @@ class Family(ABC):
     def pearson(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(y − μ)²/V(μ) per row: the Pearson χ² terms (summed by the Newton pass when :attr:`uses_pearson`)."""
 
-    def y_terms(self, y: np.ndarray) -> np.ndarray:
-        """(n_y_terms, n) per-row quantities of y alone, whose weighted sums the Newton pass returns."""
+    def y_terms(self, y: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+        """(n_y_terms, n) per-row quantities of y and the offset alone (not of θ), whose weighted sums the
+        Newton pass returns: what the null deviance (the intercept-only model, fitted with the offset, as
+        statsmodels does) and the AIC need. ``offset`` None is an offset of 0."""
         return np.empty((0, len(y)))
 
     # ---- the target ------------------------------------------------------------------------------------
@@ -353,6 +355,10 @@ class Binomial(Family):
         return deviance + 2.0 * n_params  # for 0/1 targets the log-likelihood is −deviance/2 (weighted too)
 
     def null_deviance(self, info):
+        """The intercept-only model at the weighted mean of y; with an offset (``info["offset"]``) its
+        intercept solves Σ w (σ(b + o) − y) = 0, which no sum of a pass decides (statsmodels fits it): NaN."""
+        if info.get("offset"):
+            return math.nan
         n, sum_y = info["n"], info["sum_y"]
         z0 = self.null_predictor(sum_y / n)
         return 2.0 * (n * float(np.logaddexp(0.0, z0)) - z0 * sum_y)
@@ -376,7 +382,7 @@ class LogLink(Family):
     gate_metric = "mean_deviance"
     canonical = False  # the log link is canonical for Poisson only
     uses_pearson = True  # the dispersion is Pearson's χ²/df (statsmodels' default scale), except Poisson's
-    n_y_terms = 1
+    n_y_terms = 5  # c(y), then the offset's sums of the null model (see :meth:`y_terms`)
     y_lower = 0.0
 
     def __init__(self, power: float | None = None):
@@ -482,20 +488,42 @@ class LogLink(Family):
             r = y * np.exp(-0.5 * self.power * zc) - np.exp((1.0 - 0.5 * self.power) * zc)
             return r * r
 
-    def y_terms(self, y):
-        return self._c(y)[None, :]
+    def y_terms(self, y, offset=None):
+        """[c(y), e^{(2−p)o}, y e^{(1−p)o}, y·o, o]: Σw c(y) is the y-only part of every deviance; with the
+        other four the null model fitted with the offset o has a closed form (see :meth:`null_deviance`)."""
+        y = np.asarray(y, dtype=np.float64)
+        if offset is None:
+            zero = np.zeros_like(y)
+            return np.stack([self._c(y), np.ones_like(y), y, zero, zero])
+        o = np.clip(np.asarray(offset, dtype=np.float64), -Z_MAX, Z_MAX)
+        p = self.power
+        with np.errstate(under="ignore"):
+            a = np.ones_like(o) if p == 2.0 else np.exp((2.0 - p) * o)
+            b = y if p == 1.0 else y * np.exp((1.0 - p) * o)
+        return np.stack([self._c(y), a, b, y * o, o])
 
     def dispersion(self, deviance, pearson, df_resid):
         return pearson / df_resid
 
     def null_deviance(self, info):
-        n, sum_y = info["n"], info["sum_y"]
-        z0 = self.null_predictor(sum_y / n)
-        _, a, b = self._exps(np.array([z0]))
+        """statsmodels' null model: the intercept b alone, with the offset o. With the weighted sums
+        C = Σw c(y), A = Σw e^{(2−p)o}, B = Σw y e^{(1−p)o}, its score equation Σw(e^{(2−p)(b+o)} −
+        y e^{(1−p)(b+o)}) = 0 gives e^b = B/A (without an offset: the weighted mean of y), and its deviance is
+
+            2(C − B^{2−p}A^{p−1}/((1−p)(2−p)))     (1 < p < 2)
+            2(C + B − B·b − Σw y o)                 (p = 1)
+            2(C + A + A·b + Σw o)                   (p = 2)
+
+        B = 0 (all targets 0: Poisson, Tweedie) is the limit b → −∞, where every term but C vanishes."""
+        C, A, B, syo, so = (float(v) for v in info["y_terms"][:5])
         p = self.power
-        k1 = z0 if p == 1.0 else float(a[0]) / (1.0 - p)
-        k2 = z0 if p == 2.0 else float(b[0]) / (2.0 - p)
-        return 2.0 * (float(info["y_terms"][0]) - k1 * sum_y + k2 * n)
+        if B <= 0.0:
+            return 2.0 * C
+        if p == 1.0:
+            return 2.0 * (C + B - B * math.log(B / A) - syo)
+        if p == 2.0:
+            return 2.0 * (C + A + A * math.log(B / A) + so)
+        return 2.0 * (C - math.exp((2.0 - p) * math.log(B) + (p - 1.0) * math.log(A)) / ((1.0 - p) * (2.0 - p)))
 
     def aic(self, info, deviance, n_params, dispersion):
         """Tweedie with 1 < p < 2 has no closed-form likelihood: NaN (statsmodels' is a series expansion)."""
@@ -509,17 +537,18 @@ class Poisson(LogLink):
     power = 1.0
     canonical = True
     uses_pearson = False  # φ = 1
-    n_y_terms = 2
+    n_y_terms = 6
 
-    def y_terms(self, y):
-        return np.stack([self._c(y), gammaln(y + 1.0)])
+    def y_terms(self, y, offset=None):
+        """:meth:`LogLink.y_terms` and log y! (the AIC's normalizing constant)."""
+        return np.concatenate([super().y_terms(y, offset), gammaln(np.asarray(y, dtype=np.float64) + 1.0)[None, :]])
 
     def dispersion(self, deviance, pearson, df_resid):
         return 1.0
 
     def aic(self, info, deviance, n_params, dispersion):
         # statsmodels: llf = Σ w (y log μ − μ − log y!) = −deviance/2 + Σ w (y log y − y − log y!)
-        c, lgam = (float(v) for v in info["y_terms"][:2])
+        c, lgam = float(info["y_terms"][0]), float(info["y_terms"][5])
         return -2.0 * (-0.5 * deviance + c - lgam) + 2.0 * n_params
 
 
