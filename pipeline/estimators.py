@@ -344,13 +344,14 @@ class LinearRegression(RegressorMixin, _GradpipeModel):
 
     _model = "linear"
 
-    def predict(self, X):
-        return self.decision_function(X)
+    def predict(self, X, offset=None):
+        """X @ coef_ + intercept_ (+ the ``offset`` a fit with one needs at prediction too)."""
+        return self.decision_function(X, offset)
 
-    def score(self, X, y, sample_weight=None) -> float:
+    def score(self, X, y, sample_weight=None, offset=None) -> float:
         """R² = 1 − SS_res / SS_tot, like sklearn's regressors."""
         y = np.asarray(y, dtype=np.float64)
-        r = y - np.asarray(self.predict(X))
+        r = y - np.asarray(self.predict(X, offset))
         w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         ss_tot = float(w @ (y - np.average(y, weights=w)) ** 2)
         return 1.0 - float(w @ r**2) / ss_tot if ss_tot > 0 else float("nan")
@@ -377,21 +378,21 @@ class LogisticRegression(ClassifierMixin, _GradpipeModel):
         self.classes_ = classes
         return (y == classes[1]).astype(np.float64)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X, offset=None):
         """Columns P(classes_[0]), P(classes_[1])."""
         from pipeline.families import expit
 
-        p = expit(np.asarray(self.decision_function(X)))
+        p = expit(np.asarray(self.decision_function(X, offset)))
         return np.column_stack([1.0 - p, p])
 
-    def predict(self, X):
+    def predict(self, X, offset=None):
         """classes_[1] iff z > 0 (p > 0.5), the rule gradpipe's accuracy metric uses."""
-        z = np.asarray(self.decision_function(X))  # first: unfitted is NotFittedError, not a missing classes_
+        z = np.asarray(self.decision_function(X, offset))  # first: unfitted is NotFittedError, not a missing classes_
         return self.classes_[(z > 0).astype(np.int64)]
 
-    def score(self, X, y, sample_weight=None) -> float:
+    def score(self, X, y, sample_weight=None, offset=None) -> float:
         """Mean accuracy, like sklearn's classifiers."""
-        hit = (self.predict(X) == np.asarray(y)).astype(np.float64)
+        hit = (self.predict(X, offset) == np.asarray(y)).astype(np.float64)
         return float(np.average(hit, weights=sample_weight))
 
 
