@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 from sklearn.base import clone
-from sklearn.metrics import d2_tweedie_score
+from sklearn.metrics import d2_tweedie_score, r2_score
 from sklearn.model_selection import cross_val_score
 
 from pipeline.errors import GradpipeError
@@ -151,6 +151,39 @@ def test_ridge_poisson_matches_sklearn_poisson_regressor():
     np.testing.assert_allclose(params_of(alt), params_of(ours), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_statistics_and_zero_weight_rows_match_statsmodels(kind):
+    """A row of weight 0 counts for nothing, so the fit equals statsmodels' on the other rows (its residual
+    degrees of freedom too); deviance and AIC as statsmodels reports them. The null deviance is documented
+    as the intercept-only model *without* the offset (statsmodels' null_deviance refits with it), so it is
+    checked against statsmodels' intercept-only GLM without an offset."""
+    X, y, w, off = glm_data(kind, seed=60 + KINDS.index(kind))
+    w[::13] = 0.0
+    ours = estimator(kind).fit(X, y, sample_weight=w, offset=off)
+    keep = w > 0
+    family = statsmodels_family(kind)
+    ref = sm.GLM(y[keep], sm.add_constant(X[keep], prepend=False), family=family, offset=off[keep],
+                 var_weights=w[keep]).fit(tol=1e-13)
+    null = sm.GLM(y[keep], np.ones(keep.sum()), family=family, var_weights=w[keep]).fit(tol=1e-13)
+    inf = ours.inference_
+    assert (inf["n"], inf["df_resid"]) == (ref.nobs, ref.df_resid)
+    np.testing.assert_allclose(params_of(ours), ref.params, rtol=1e-8)  # as in the full-weight comparison
+    np.testing.assert_allclose(ours.bse_, ref.bse, rtol=1e-8)
+    # deviances: sums of ~550 O(1) terms at optima 1e-10 apart (first order in the error vanishes there)
+    np.testing.assert_allclose(inf["deviance"], ref.deviance, rtol=1e-10)
+    np.testing.assert_allclose(inf["null_deviance"], null.deviance, rtol=1e-10)
+    if kind == "poisson":  # weighted AIC: statsmodels' Σw(y log μ − μ − log y!) from the y-only sums
+        np.testing.assert_allclose(inf["aic"], ref.aic, rtol=1e-10)
+
+
+def test_gamma_unweighted_aic_matches_statsmodels():
+    X, y, _, off = glm_data("gamma", seed=63)
+    ours = GammaRegressor().fit(X, y, offset=off)
+    ref = sm.GLM(y, sm.add_constant(X, prepend=False), family=statsmodels_family("gamma"), offset=off).fit(tol=1e-13)
+    # the log-likelihood at φ = Pearson χ²/df: ~1e3 in size, from sums of 600 terms; 1e-10 relative
+    np.testing.assert_allclose(ours.inference_["aic"], ref.aic, rtol=1e-10)
+
+
 # ---- linear and logistic ------------------------------------------------------------------------------------
 def linear_data(seed: int = 30, n: int = 400):
     rng = np.random.default_rng(seed)
@@ -200,6 +233,24 @@ def test_weighted_linear_and_logistic_match_sklearn():
     np.testing.assert_allclose(params_of(ours), np.append(ref.coef_[0], ref.intercept_[0]), rtol=1e-10,
                                atol=1e-10)
     np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_linear_and_logistic_predict_take_the_offset():
+    X, y, w = linear_data(seed=33)
+    off = np.random.default_rng(34).normal(0, 2.0, len(y))
+    lin = LinearRegression().fit(X, y + off, offset=off)
+    ref = LinearRegression().fit(X, y)  # an offset in y and z cancels: the same coefficients
+    np.testing.assert_allclose(params_of(lin), params_of(ref), rtol=1e-10, atol=1e-10)  # two exact LS solves
+    np.testing.assert_allclose(lin.predict(X, offset=off), X @ lin.coef_ + lin.intercept_ + off, rtol=1e-14)
+    np.testing.assert_allclose(lin.score(X, y + off, offset=off), r2_score(y + off, lin.predict(X, offset=off)),
+                               rtol=1e-12)  # the same sums in another order
+
+    yb = (y > np.median(y)).astype(int)
+    log = LogisticRegression(l2=0.01).fit(X, yb, offset=off)
+    z = X @ log.coef_ + log.intercept_ + off
+    np.testing.assert_allclose(log.predict_proba(X, offset=off)[:, 1], 1 / (1 + np.exp(-z)), rtol=1e-13)
+    np.testing.assert_array_equal(log.predict(X, offset=off), (z > 0).astype(int))
+    assert log.score(X, yb, offset=off) == np.mean((z > 0) == yb)
 
 
 # ---- the scikit-learn protocol --------------------------------------------------------------------------------
