@@ -134,6 +134,12 @@ class Family(ABC):
             return True
         return summary.min > self.y_lower if self.y_lower_strict else summary.min >= self.y_lower
 
+    def first_outside(self, summary: TargetStats) -> tuple[float, int] | None:
+        """The first (value, row) outside a lower bound of 0 from the summary, when it recorded one."""
+        if self.y_lower != 0.0:
+            return None
+        return summary.first_nonpositive if self.y_lower_strict else summary.first_negative
+
     def y_outside_count(self, summary: TargetStats | None) -> int | None:
         """How many targets lie outside the domain, when the summary counts them (for the message); None
         when it cannot tell (a bound that only ``min`` decides, or no summary)."""

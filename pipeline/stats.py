@@ -171,6 +171,10 @@ class TargetStats:
     n_not_binary: int
     example: float | None = None
     example_row: int | None = None
+    # the first y < 0 and the first y ≤ 0 as (value, row): a bounded family's message names the row without a
+    # read of y (None: there is none, or a dataset summarised before they existed)
+    first_negative: tuple[float, int] | None = None
+    first_nonpositive: tuple[float, int] | None = None
 
     @classmethod
     def empty(cls) -> TargetStats:
@@ -185,14 +189,22 @@ class TargetStats:
         bad = (y != 0) & (y != 1)  # a bool mask and argmax: no index array as long as y for a continuous target
         n_bad = int(np.count_nonzero(bad))
         first = int(bad.argmax()) if n_bad else None
+
+        def first_where(mask: np.ndarray) -> tuple[float, int] | None:
+            i = int(mask.argmax())
+            return (float(y[i]), i) if mask[i] else None
         return cls(int(y.size), float(y.min()), float(y.max()), n_bad,
-                   None if first is None else float(y[first]), first)
+                   None if first is None else float(y[first]), first, first_where(y < 0), first_where(y <= 0))
 
     def shifted(self, offset: int) -> TargetStats:
         """The same summary for a block that starts at dataset row ``offset``."""
-        if self.example_row is None or offset == 0:
+        if offset == 0:
             return self
-        return replace(self, example_row=self.example_row + offset)
+
+        def move(first: tuple[float, int] | None) -> tuple[float, int] | None:
+            return None if first is None else (first[0], first[1] + offset)
+        return replace(self, example_row=None if self.example_row is None else self.example_row + offset,
+                       first_negative=move(self.first_negative), first_nonpositive=move(self.first_nonpositive))
 
     def merge(self, other: TargetStats) -> TargetStats:
         """Combine two summaries (rows already global); the example kept is the one in the earlier row."""
@@ -202,9 +214,13 @@ class TargetStats:
             return other
         with_example = [s for s in (self, other) if s.example_row is not None]
         first = min(with_example, key=lambda s: s.example_row or 0) if with_example else None
+        def earliest(a: tuple[float, int] | None, b: tuple[float, int] | None) -> tuple[float, int] | None:
+            return a if b is None or (a is not None and a[1] <= b[1]) else b
         return TargetStats(self.count + other.count, min(self.min, other.min), max(self.max, other.max),
                            self.n_not_binary + other.n_not_binary,
-                           None if first is None else first.example, None if first is None else first.example_row)
+                           None if first is None else first.example, None if first is None else first.example_row,
+                           earliest(self.first_negative, other.first_negative),
+                           earliest(self.first_nonpositive, other.first_nonpositive))
 
     def to_json(self) -> dict:
         """JSON-safe: an empty summary's ±inf bounds are written as null (Zarr attrs are strict JSON)."""
@@ -215,6 +231,8 @@ class TargetStats:
             "n_not_binary": self.n_not_binary,
             "example": self.example,
             "example_row": self.example_row,
+            **{k: list(v) for k, v in (("first_negative", self.first_negative),
+                                       ("first_nonpositive", self.first_nonpositive)) if v is not None},
         }
 
     @classmethod
@@ -226,4 +244,6 @@ class TargetStats:
             int(data["n_not_binary"]),
             None if data.get("example") is None else float(data["example"]),
             None if data.get("example_row") is None else int(data["example_row"]),
+            *((None if data.get(k) is None else (float(data[k][0]), int(data[k][1])))
+              for k in ("first_negative", "first_nonpositive")),
         )

@@ -36,8 +36,12 @@ def _mixed_target(n: int, seed: int, n_bad: int) -> np.ndarray:
 def _expected(y: np.ndarray) -> dict:
     """The summary as numpy sees the source target, in the stored JSON's form."""
     bad = np.flatnonzero((y != 0) & (y != 1))
-    return {"count": len(y), "min": float(y.min()), "max": float(y.max()), "n_not_binary": int(bad.size),
-            "example": float(y[bad[0]]) if bad.size else None, "example_row": int(bad[0]) if bad.size else None}
+    out = {"count": len(y), "min": float(y.min()), "max": float(y.max()), "n_not_binary": int(bad.size),
+           "example": float(y[bad[0]]) if bad.size else None, "example_row": int(bad[0]) if bad.size else None}
+    for key, rows in (("first_negative", np.flatnonzero(y < 0)), ("first_nonpositive", np.flatnonzero(y <= 0))):
+        if rows.size:  # the first row below a bound of 0: absent from the JSON when there is none
+            out[key] = [float(y[rows[0]]), int(rows[0])]
+    return out
 
 
 def _stored(dataset: Path) -> dict | None:
@@ -63,7 +67,7 @@ def test_summary_equals_numpy_across_pieces_and_files(tmp_path, client, monkeypa
     ingest(files, tmp_path / "ds.zarr", "y", client, chunk_mb=0.01)
     want = _expected(np.concatenate(ys))
     assert _stored(tmp_path / "ds.zarr") == want
-    assert read_info(tmp_path / "ds.zarr").target_stats == TargetStats(**want)
+    assert read_info(tmp_path / "ds.zarr").target_stats == TargetStats.from_json(want)
 
 
 def test_summary_after_append_equals_numpy_on_all_rows(tmp_path, client):
