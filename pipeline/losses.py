@@ -185,7 +185,7 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
             if fam.uses_pearson:
                 pearson += float(fam.pearson(z, yb).sum())
             if fam.n_y_terms:
-                y_terms += fam.y_terms(yb).sum(axis=1)
+                y_terms += fam.y_terms(yb, None if offset is None else offset[start:stop]).sum(axis=1)
         else:
             wb = w[start:stop]
             loss_sum += float(wb @ loss)
@@ -193,7 +193,7 @@ def chunk_newton(family: str | Family, X: np.ndarray, y: np.ndarray, theta: np.n
             if fam.uses_pearson:
                 pearson += float(wb @ fam.pearson(z, yb))
             if fam.n_y_terms:
-                y_terms += fam.y_terms(yb) @ wb
+                y_terms += fam.y_terms(yb, None if offset is None else offset[start:stop]) @ wb
             r *= wb
             h *= wb
         grad += r @ Cb

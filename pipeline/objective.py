@@ -43,13 +43,14 @@ class ClusterObjective:
     """L(θ) = mean loss + penalty of ``problem``, evaluated by the engine; counts passes over the data."""
 
     def __init__(self, engine: ChunkEngine, problem: Problem, weight_sum: float | None = None,
-                 weighted_rows: int | None = None, weighted: bool = False):
+                 weighted_rows: int | None = None, weighted: bool = False, has_offset: bool = False):
         self.engine, self.problem = engine, problem
         self.n_chunks = len(engine.layout)
         self.n_rows = engine.n_rows
         self.weight_sum = float(engine.n_rows if weight_sum is None else weight_sum)  # Σw: what means divide by
         self.weighted_rows = engine.n_rows if weighted_rows is None else weighted_rows  # rows with w > 0
         self.weighted = weighted  # the data carry sample weights (inference's likelihoods need to know)
+        self.has_offset = has_offset  # and an offset (the null model is fitted with it)
         self.passes = 0.0
         self._bound: np.ndarray | None = None
 

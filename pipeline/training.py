@@ -193,7 +193,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
     engine.name = begin.run_id  # the dashboard shows gradpipe-pass-<run id>-<pass>
     try:
         objective = ClusterObjective(engine, problem, weight_sum=ds.weight_sum, weighted_rows=ds.n_weighted_rows,
-                                     weighted=ds.has_weights)
+                                     weighted=ds.has_weights, has_offset=ds.has_offset)
         solver = make_solver(config.solver, config, problem, objective)
         store = begin.store
         if store is None:
@@ -379,7 +379,7 @@ def _inference(solver: Solver, objective: ClusterObjective, row: Row, status: st
             _, _, _, info = objective.newton(row.theta)
     if "R" in info:  # the TSQR pass holds no counts: the dataset's
         info = {**info, "n": objective.weight_sum, "rows": objective.weighted_rows}
-    info = {**info, "weighted": objective.weighted}
+    info = {**info, "weighted": objective.weighted, "offset": objective.has_offset}
     return inference.summarize(problem, info, row.theta, row.loss, list(problem.feature_names))
 
 
