@@ -221,6 +221,19 @@ def test_linear_lasso_and_elastic_net_match_sklearn():
     np.testing.assert_allclose(params_of(ours), np.append(ref.coef_, ref.intercept_), rtol=1e-10, atol=1e-10)
 
 
+def test_weighted_lasso_matches_sklearn():
+    """sklearn's Lasso rescales sample_weight to sum n, so it minimizes Σw r²/(2Σw) + α‖β‖₁: ours with l1=α."""
+    from sklearn.linear_model import Lasso
+
+    X, y, w = linear_data(seed=35)
+    ref = Lasso(alpha=0.08, tol=1e-14, max_iter=100_000).fit(X, y, sample_weight=w)
+    ours = LinearRegression(l1=0.08).fit(X, y, sample_weight=w)
+    assert 0 < np.sum(ref.coef_ == 0.0) < 6
+    np.testing.assert_array_equal(ours.coef_ == 0.0, ref.coef_ == 0.0)
+    # as for the unweighted Lasso: coordinate descent to a 1e-14 duality gap vs our exact support solve
+    np.testing.assert_allclose(params_of(ours), np.append(ref.coef_, ref.intercept_), rtol=1e-10, atol=1e-10)
+
+
 def test_weighted_linear_and_logistic_match_sklearn():
     from sklearn.linear_model import LinearRegression as SkLinear
     from sklearn.linear_model import LogisticRegression as SkLogistic
@@ -312,6 +325,12 @@ def test_negative_sample_weight_is_refused():
     w[5] = -0.5
     with pytest.raises(ValueError, match=r"weights ≥ 0"):
         PoissonRegressor().fit(X, y, sample_weight=w)
+
+
+def test_alpha_together_with_l1_is_refused():
+    X, y, _, _ = glm_data("poisson", seed=54)
+    with pytest.raises(ValueError, match=r"--alpha.*either"):
+        PoissonRegressor(alpha=0.1, l1_ratio=0.5, l1=0.01).fit(X, y)
 
 
 def test_bad_power_is_a_value_error_at_fit():
