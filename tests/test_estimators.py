@@ -36,7 +36,8 @@ import pipeline.engine
 import pipeline.estimators as est
 from pipeline.estimators import LinearRegression, LogisticRegression
 
-INIT = {"solver": "auto", "lr": "auto", "l2": 0.0, "max_iter": 500, "tol": None, "gtol": 1e-8, "standardize": True,
+INIT = {"solver": "auto", "lr": "auto", "l2": 0.0, "l1": 0.0, "alpha": None,
+        "l1_ratio": None, "max_iter": 500, "tol": None, "gtol": 1e-8, "standardize": True,
         "beta": 0.9, "history": 10, "batch_chunks": 1, "schedule": "adaptive", "power_t": 0.25, "early_stopping": False,
         "validation_fraction": 0.1, "n_iter_no_change": 5, "seed": 0, "fan_in": 8, "persist": "auto",
         "chunk_rows": None, "client": None, "runs_dir": None}
@@ -160,7 +161,7 @@ def test_without_sklearn_the_parameter_protocol_still_works(monkeypatch):
     assert m.get_params() == {**INIT, "l2": 0.25}
     assert m.set_params(max_iter=3) is m and m.max_iter == 3
     with pytest.raises(ValueError, match="invalid parameter"):
-        m.set_params(alpha=1.0)
+        m.set_params(C=1.0)
     assert "l2=0.25" in repr(m)
     with pytest.raises(mod.NotFittedError) as info:  # sklearn's contract without sklearn: both bases
         m.predict(np.ones((2, 3)))
