@@ -250,3 +250,25 @@ def test_lr_auto_without_a_curvature_bound_names_the_alternatives(name):
     with pytest.raises(GradpipeError, match="gd .line search., lbfgs or newton"):
         cls(options, problem, obj).start(np.zeros(problem.n_params))
     assert obj.passes == 0  # refused before any pass
+
+
+def test_fista_accelerates_an_ill_conditioned_lasso(record_property):
+    """Equicorrelated features (ρ = 0.9, d = 20): the Jacobi preconditioner cannot remove correlation, so the
+    momentum matters. Measured to 1e-6 of scikit-learn: FISTA 374 passes, the same code without momentum
+    (ISTA) 2,533; the bar of 600 fails if the acceleration is lost."""
+    rng = np.random.default_rng(2)
+    n, d, rho = 4000, 20, 0.9
+    X = np.sqrt(1 - rho) * rng.normal(size=(n, d)) + np.sqrt(rho) * rng.normal(size=(n, 1))
+    c = np.zeros(d)
+    c[:5] = [1, -1, 0.5, 2, -0.7]
+    y = X @ c + rng.normal(size=n)
+    ref_model = Lasso(alpha=0.01, tol=1e-14, max_iter=10**6).fit(X, y)
+    ref = np.append(ref_model.coef_, ref_model.intercept_)
+    solver = build(GradientDescent, X, y, "linear", l1=0.01, l2=0.0)
+    rows, reason, to_1e6 = run(solver, ref, max_iter=2000)
+    got = original(solver, rows[-1].theta)
+    np.testing.assert_array_equal(got[:-1] == 0, ref_model.coef_ == 0)
+    assert reason != "max_iter" and to_1e6 is not None and to_1e6 <= 600
+    record_property("passes_to_1e-6", to_1e6)
+    # condition ~10 × (1 + dρ/(1−ρ)) ≈ 2e3: the loss flat in its last bits leaves θ ~1e-7 off (measured 6e-8)
+    assert rel_err(got, ref) < 1e-6
