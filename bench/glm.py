@@ -10,8 +10,8 @@ equicorrelated at ρ = 0.5; half the true coefficients are zero. Poisson: counts
 β scaled so the linear predictor has standard deviation 0.5; logistic: logits with standard deviation 2.
 The penalty is ``alpha·(R‖β‖₁ + (1−R)/2‖β‖²)`` with R = 0.5 (glum's parametrization, ours via --alpha and
 --l1-ratio), alpha chosen once per family at the smallest size by bisection on glum's fit so that half the
-coefficients are zero. θ* is glum's solution at ``gradient_tol=1e-12`` (untimed). glum's timed fit uses its
-default tolerances, and its error against θ* is reported with it.
+coefficients are zero. θ* is glum's solution at ``gradient_tol=1e-12`` (untimed). glum is timed at its
+default tolerance and at the loosest ``gradient_tol`` that reaches 1e-6 of θ*; the goal compares with that.
 
 gradpipe: a LocalCluster of ``--workers`` processes × 1 thread, data persisted on the workers (loading not
 timed), ``tol = gtol = 0`` and a time cap; the first committed row within 1e-6 of θ* gives the seconds and
@@ -86,6 +86,23 @@ def glum_fit(kind: str, X: np.ndarray, y: np.ndarray, alpha: float, **tol):
     return GeneralizedLinearRegressor(family=family, alpha=alpha, l1_ratio=L1_RATIO, **tol).fit(X, y)
 
 
+def run_glum(kind: str, X: np.ndarray, y: np.ndarray, alpha: float, ref: np.ndarray) -> list[dict]:
+    """glum at its default tolerance, and at the loosest ``gradient_tol`` of 1e-6, 1e-8, 1e-10 that reaches
+    the target (its default stops short of 1e-6 here): both fits timed."""
+    out = []
+    for tol in (None, 1e-6, 1e-8, 1e-10):
+        t0 = time.perf_counter()
+        m = glum_fit(kind, X, y, alpha, **({} if tol is None else {"gradient_tol": tol}))
+        sec = time.perf_counter() - t0
+        err = rel_err(np.append(m.coef_, m.intercept_), ref)
+        if tol is None or err <= TARGET or tol == 1e-10:
+            out.append({"solver": f"glum (gradient_tol {'default' if tol is None else f'{tol:g}'})",
+                        "seconds": sec, "final_err": err, "reached": err <= TARGET})
+        if tol is not None and err <= TARGET:
+            break
+    return out
+
+
 def half_zero_alpha(kind: str, X: np.ndarray, y: np.ndarray) -> float:
     """alpha (geometric bisection on glum's fit) with about half the coefficients exactly zero."""
     lo, hi = 1e-6, 1.0
@@ -128,12 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                         case["results"].append({"system": "gradpipe", **r})
                         print(f"{n:>9} {kind:8} gradpipe {solver:7} {r.get('seconds', '-')} s "
                               f"{r.get('passes', '-')} passes (err {r['final_err']:.1e})", file=sys.stderr)
-                    t0 = time.perf_counter()
-                    m = glum_fit(kind, X, y, alpha)
-                    sec = time.perf_counter() - t0
-                    err = rel_err(np.append(m.coef_, m.intercept_), ref)
-                    case["results"].append({"system": "glum", "solver": "glum irls-cd", "seconds": sec,
-                                            "final_err": err, "reached": err <= TARGET})
+                    case["results"] += run_glum(kind, X, y, alpha, ref)
                     results["cases"].append(case)
                     shutil.rmtree(store, ignore_errors=True)
                     del X, y
@@ -149,10 +161,10 @@ def goals(results: dict) -> dict:
     for case in results["cases"]:
         tag = f"{case['kind']} {case['rows'] / 1e6:g}M"
         nt = next(r for r in case["results"] if r["system"] == "gradpipe" and r["solver"] == "newton")
-        gl = next(r for r in case["results"] if r["system"] == "glum")
+        gl = next((r for r in case["results"] if r["system"] == "glum" and r["reached"]), None)
         out[f"{tag}: newton passes (≤ 10)"] = nt.get("passes")
-        out[f"{tag}: newton faster than glum (×)"] = round(gl["seconds"] / nt["seconds"], 2) if nt.get("reached") \
-            else None
+        out[f"{tag}: newton faster than glum at 1e-6 (×)"] = (round(gl["seconds"] / nt["seconds"], 2)
+                                                             if nt.get("reached") and gl else None)
     return out
 
 
@@ -160,8 +172,8 @@ def print_table(res: dict) -> None:
     print(f"\nElastic net (l1_ratio {res['l1_ratio']}), time to max|θ−θ*|/max|θ*| ≤ {res['target']:g} (fit only; "
           f"{res['machine']['workers']} workers; load {res['machine']['load_before'][0]:.1f} → "
           f"{res['machine']['load_after'][0]:.1f})\n")
-    print(f"| {'case':<22} | {'system / solver':<20} | {'seconds':>14} | {'passes':>7} | {'error reached':>13} |")
-    print(f"|{'-' * 24}|{'-' * 22}|{'-' * 16}|{'-' * 9}|{'-' * 15}|")
+    print(f"| {'case':<24} | {'system / solver':<30} | {'seconds':>14} | {'passes':>7} | {'error reached':>13} |")
+    print(f"|{'-' * 26}|{'-' * 32}|{'-' * 16}|{'-' * 9}|{'-' * 15}|")
     for case in res["cases"]:
         tag = f"{case['kind']} {case['rows'] / 1e6:g}M ({case['zeros']} zeros)"
         for r in case["results"]:
@@ -171,7 +183,7 @@ def print_table(res: dict) -> None:
                 passes = f"{r['passes']:g}" if r["reached"] else f"{r['total_passes']:g}"
             else:
                 sec, passes = f"{r['seconds']:.3f}", "–"
-            print(f"| {tag:<22} | {name:<20} | {sec:>14} | {passes:>7} | {r['final_err']:>13.1e} |")
+            print(f"| {tag:<24} | {name:<30} | {sec:>14} | {passes:>7} | {r['final_err']:>13.1e} |")
     print("\nGoals:")
     for k, v in res["goals"].items():
         print(f"  {k}: {v}")
