@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.solvers import TARGET, rel_err, run_gradpipe  # noqa: E402
+from bench.solvers import TARGET, cells, rel_err, run_gradpipe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "glm.json"
 L1_RATIO = 0.5
@@ -177,12 +177,7 @@ def print_table(res: dict) -> None:
     for case in res["cases"]:
         tag = f"{case['kind']} {case['rows'] / 1e6:g}M ({case['zeros']} zeros)"
         for r in case["results"]:
-            name = f"gradpipe {r['solver']}" if r["system"] == "gradpipe" else r["solver"]
-            if r["system"] == "gradpipe":
-                sec = f"{r['seconds']:.3f}" if r["reached"] else f"never ({r['total_seconds']:.0f} s)"
-                passes = f"{r['passes']:g}" if r["reached"] else f"{r['total_passes']:g}"
-            else:
-                sec, passes = f"{r['seconds']:.3f}", "–"
+            name, sec, passes = cells(r)
             print(f"| {tag:<24} | {name:<30} | {sec:>14} | {passes:>7} | {r['final_err']:>13.1e} |")
     print("\nGoals:")
     for k, v in res["goals"].items():

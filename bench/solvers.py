@@ -226,6 +226,15 @@ def goals(results: dict) -> dict:
     return out
 
 
+def cells(r: dict) -> tuple[str, str, str]:
+    """(name, seconds, passes) of a result row: gradpipe's first row within the target, or 'never'."""
+    if r["system"] != "gradpipe":
+        return r["solver"], f"{r.get('seconds', 0):.3f}", "–"
+    if not r["reached"]:
+        return f"gradpipe {r['solver']}", f"never ({r['total_seconds']:.0f} s)", f"{r['total_passes']:g}"
+    return f"gradpipe {r['solver']}", f"{r['seconds']:.3f}", f"{r['passes']:g}"
+
+
 def print_table(res: dict) -> None:
     print(f"\nTime to max|θ−θ*|/max|θ*| ≤ {res['target']:g} (fit only; {res['machine']['workers']} workers; "
           f"load {res['machine']['load_before'][0]:.1f} → {res['machine']['load_after'][0]:.1f})\n")
@@ -234,15 +243,10 @@ def print_table(res: dict) -> None:
     for case in res["cases"]:
         tag = f"{case['kind']} {case['rows'] / 1e6:g}M ρ={case['rho']:g}"
         for r in case["results"]:
-            name = f"{r['system']} {r['solver']}" if r["system"] == "gradpipe" else r["solver"]
+            name, sec, passes = cells(r)
             if "error" in r:
                 print(f"| {tag:<24} | {name:<30} | {'–':>8} | {'–':>7} | {r['error'][:40]} |")
                 continue
-            if r["system"] == "gradpipe":
-                sec = f"{r['seconds']:.3f}" if r["reached"] else f"never ({r['total_seconds']:.0f} s)"
-                passes = f"{r['passes']:g}" if r["reached"] else f"{r['total_passes']:g}"
-            else:
-                sec, passes = f"{r['seconds']:.3f}", "–"
             print(f"| {tag:<24} | {name:<30} | {sec:>8} | {passes:>7} | {r['final_err']:>13.1e} |")
     print("\nGoals:")
     for k, v in res["goals"].items():

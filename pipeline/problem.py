@@ -93,7 +93,7 @@ class Problem:
         bounded (linear: the Hessian itself; logistic: ℓ'' ≤ 1/4); else a ValueError naming the way out."""
         if self.family.curvature_bound is None:
             raise ValueError(f"--lr auto needs a bound on the curvature, which the {self.family.name} family "
-                             f"does not have; give --lr, or use --solver newton or lbfgs.")
+                             f"does not have; give --lr, or use --solver gd (a line search), newton or lbfgs.")
         H = gram_mean * self.family.curvature_bound
         H[np.diag_indices_from(H)] += self.penalty.hess_diag(self.scale)
         return H

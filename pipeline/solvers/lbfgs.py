@@ -224,8 +224,13 @@ class LBFGS(Solver):
                 raise Stalled("the loss is flat at rounding level along the OWL-QN direction")
             raise GradpipeError("the OWL-QN line search found no decrease; the data may hold extreme values "
                                 "(check `gradpipe runs show`).")
+        return self._accept(cur, x, f, g, alpha)
+
+    def _accept(self, cur: Row, x: np.ndarray, f: float, g: np.ndarray, alpha: float) -> Row:
+        """The accepted iterate's row, with the new curvature pair when it keeps H positive definite."""
+        S, Y = cur.state["s"], cur.state["y"]
         s, yv = x - cur.theta, g - cur.grad
-        if float(s @ yv) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):  # keep H positive definite
+        if float(s @ yv) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):
             S, Y = np.vstack([S[1:], s]), np.vstack([Y[1:], yv])
             self.k = min(self.k + 1, self.m)
         self.row = Row(x, f, g, alpha, {"s": S, "y": Y})
@@ -241,9 +246,4 @@ class LBFGS(Solver):
             direction = two_loop(cur.grad, S, Y, 0, precond)
         alpha1 = 1.0 if self.k or precond else min(1.0, 1.0 / max(float(np.linalg.norm(cur.grad)), 1e-300))
         f, _, x, g, alpha = self._line_search(cur, direction, alpha1)
-        s, yv = x - cur.theta, g - cur.grad
-        if float(s @ yv) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(yv)):  # keep H positive definite
-            S, Y = np.vstack([S[1:], s]), np.vstack([Y[1:], yv])
-            self.k = min(self.k + 1, self.m)
-        self.row = Row(x, f, g, alpha, {"s": S, "y": Y})
-        return self.row
+        return self._accept(cur, x, f, g, alpha)
