@@ -13,7 +13,11 @@ soft threshold, so coordinates the optimum zeroes are exactly 0.0.
 Sweeps go over the active set (coordinates ever non-zero, and the unpenalized ones) until its largest change
 is at the tolerance; then r is recomputed from scratch (no drift from the incremental updates) and every
 inactive coordinate is checked against the KKT condition |rⱼ| ≤ aⱼ. The solve ends when a sweep from the
-fresh r changes nothing beyond the tolerance and no coordinate violates KKT.
+fresh r changes nothing beyond the tolerance and no coordinate violates KKT, or earlier, when the exact
+minimizer on the current support and signs (one Cholesky, :func:`_polish`) passes the full KKT test: CD
+finds the support in a few sweeps but then converges only linearly, thousands of sweeps on correlated
+features (measured at d = 1000, equicorrelated, nearly all active: 9,000 sweeps and 23 s without; 340 and
+1.6 s with). Both ends are the optimum; the second is at the linear solve's accuracy.
 """
 
 from __future__ import annotations
