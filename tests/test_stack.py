@@ -1,7 +1,9 @@
 """`gradpipe stack`: the compose topology as real processes, and the whole pipeline run through it.
 
 One stack (scheduler, 2 workers, Prefect server, `gradpipe serve`) for the module, started and stopped with
-the CLI in subprocesses. Every wait has a deadline; nothing sleeps a fixed time.
+the CLI in subprocesses. Its server is a real ``prefect server start`` (scheduler service included), so the
+test that a schedule itself creates a run that completes uses it too, instead of starting a second server
+(~25 s on 2 cores). Every wait has a deadline; nothing sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -95,15 +97,66 @@ def stack(tmp_path_factory):
             "--out", str(root / "raw"), timeout=120)
     assert r.returncode == 0, r.stderr
     stack_dir = root / "stack"
+    # the server's scheduler service looks for due runs every 2 s, not 60: the scheduled-run test waits on it
     r = cli("stack", "up", "--dir", str(stack_dir), "--serve-cron", NEVER, "--name", "served",
             "--data-dir", str(root / "served"), "--raw", str(root / "raw"), "--max-iter", "20",
-            timeout=400, cwd=root, what="stack up")
+            timeout=400, cwd=root, what="stack up", env=clean_env(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2"))
     try:
         assert r.returncode == 0, f"stack up failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-4000:]}"
         yield root, stack_dir, json.loads((stack_dir / "stack.json").read_text()), r.stdout
     finally:
         cli("stack", "down", "--dir", str(stack_dir), timeout=120)  # a safety net: down is idempotent
         print("stack test timings (s):", TIMINGS, file=sys.stderr)
+
+
+def test_a_scheduled_run_happens_and_completes(stack, tmp_path):
+    """A real ``prefect server start`` (the stack's) and a second ``gradpipe serve`` with a 5 s interval and its
+    own deployment name: the server's scheduler itself creates a run, and it completes on the stack's workers.
+    (Runs before the end-to-end test, which stops the stack; it leaves no deployment behind.)"""
+    from tests.conftest import make_xy, write_csv
+
+    _, _, state, _ = stack
+    api = state["prefect_api_url"]
+    (tmp_path / "raw").mkdir()
+    write_csv(tmp_path / "raw" / "a.csv", *make_xy(2000, 3))
+    env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([*gradpipe(), "serve", "--interval", "5", "--name", "sched", "--deployment", "every-5s",
+                              "--raw", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "data"),
+                              "--scheduler", state["scheduler_address"], "--max-iter", "20"], cwd=ROOT, env=env,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    path = f"{api}/deployments/name/gradpipe-pipeline/every-5s"
+    try:
+        def deployment():
+            assert serve.poll() is None, f"gradpipe serve exited {serve.returncode}:\n{log.read_text()[-3000:]}"
+            r = httpx.get(path, timeout=30)
+            return r.json() if r.status_code == 200 else None
+
+        dep = wait_until(deployment, 120, "the deployment created by gradpipe serve", poll_s=0.5)
+        assert dep["schedules"] and dep["schedules"][0]["schedule"]["interval"] == 5.0
+
+        def completed_scheduled_run():
+            assert serve.poll() is None, f"gradpipe serve exited {serve.returncode}:\n{log.read_text()[-3000:]}"
+            runs = api_json("POST", f"{api}/flow_runs/filter",
+                            json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
+            return [r for r in runs if r["auto_scheduled"] and r["state_type"] == "COMPLETED"]
+
+        t0 = time.monotonic()
+        runs = wait_until(completed_scheduled_run, 300, "a scheduled flow run COMPLETED", poll_s=0.5)
+        TIMINGS["scheduled run"] = round(time.monotonic() - t0, 1)
+        assert runs[0]["deployment_id"] == dep["id"]
+        assert list((tmp_path / "data" / "runs").glob("sched-*.zarr")), "the scheduled run wrote no run store"
+        assert (tmp_path / "data" / "models" / "sched" / "latest.json").exists()
+        assert httpx.delete(f"{api}/deployments/{dep['id']}", timeout=30).is_success
+        assert httpx.get(path, timeout=30).status_code == 404
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, 15)
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, 9)
+                serve.wait()
 
 
 def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
