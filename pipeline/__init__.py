@@ -1,4 +1,4 @@
-"""gradpipe: distributed gradient descent for linear models over chunked Zarr data on Dask.
+"""gradpipe: generalized linear models (linear, logistic, Poisson, Gamma, Tweedie) over chunked Zarr data on Dask.
 
 Imports are lazy so that ``import pipeline.losses`` stays NumPy-only and nothing here imports Prefect.
 ``pipeline.train(dataset, config)`` trains; the ingest function is ``pipeline.ingest.ingest``.
