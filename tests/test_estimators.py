@@ -48,7 +48,7 @@ def test_estimator_defaults_are_the_trainers_and_bad_values_are_value_errors():
 
     defaults = TrainConfig().to_json()
     shared = {k: v for k, v in INIT.items() if k in defaults}
-    assert len(shared) == 18 and shared == {k: defaults[k] for k in shared}
+    assert len(shared) == 21 and shared == {k: defaults[k] for k in shared}
     with pytest.raises(ValueError, match="unknown solver 'bfgs'"):  # sklearn's convention, before any work
         LinearRegression(solver="bfgs").fit(np.ones((4, 1)), np.ones(4))
 
