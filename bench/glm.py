@@ -96,7 +96,7 @@ def run_glum(kind: str, X: np.ndarray, y: np.ndarray, alpha: float, ref: np.ndar
         sec = time.perf_counter() - t0
         err = rel_err(np.append(m.coef_, m.intercept_), ref)
         if tol is None or err <= TARGET or tol == 1e-10:
-            out.append({"solver": f"glum (gradient_tol {'default' if tol is None else f'{tol:g}'})",
+            out.append({"system": "glum", "solver": f"glum (gradient_tol {'default' if tol is None else f'{tol:g}'})",
                         "seconds": sec, "final_err": err, "reached": err <= TARGET})
         if tol is not None and err <= TARGET:
             break
