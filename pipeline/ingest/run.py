@@ -8,6 +8,7 @@ step (``pipeline.store.atomic``); a failure or kill before that leaves the datas
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client, as_completed, wait
 
 from pipeline.cluster import dask_client
 from pipeline.errors import GradpipeError
@@ -40,6 +41,8 @@ from pipeline.store.dataset import (
 
 OnPiece = Callable[[int, int, int, int], None]
 """``on_piece(done, total, bytes_done, bytes_total)``: called once per parsed piece, in completion order."""
+
+WRITE_DRAIN_SECONDS = 120.0  # a failed ingest waits this long for its running chunk writes to end
 
 
 @dataclass
@@ -387,8 +390,16 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
         if pending_rows:
             emit(pending_rows)
         client.gather(writes)
-    except BaseException:
-        for f in [*parsed.values(), *writes]:
+    except BaseException as exc:
+        for f in parsed.values():
+            f.cancel()
+        if isinstance(exc, Exception):
+            # A cancel does not stop a write already running on a worker: let the writes end (those waiting on a
+            # cancelled parse fail at once) before the caller removes the staging copy, which a late write would
+            # otherwise recreate (seen on a full disk).
+            with contextlib.suppress(Exception):
+                wait(writes, timeout=WRITE_DRAIN_SECONDS)
+        for f in writes:
             f.cancel()
         raise
     return [metas[i] for i in range(len(pieces))]
