@@ -59,7 +59,7 @@ def load_model(run: str | Path) -> dict[str, Any]:
         "intercept": float(store.row("intercept", t)),
         "feature_names": meta.feature_names,
         "target": meta.target,
-        "power": store.config.get("power") if store.model == "tweedie" else None,
+        "power": getattr(store.family, "power", None),  # the log-link families carry their variance power
         "offset": meta.offset,  # the offset column predictions add to z (None: none)
         "weight": meta.weight,
         "run_id": path.name.removesuffix(".zarr"),
