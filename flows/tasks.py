@@ -21,7 +21,7 @@ from pipeline.cluster import dask_client
 from pipeline.evaluate import evaluate, load_model
 from pipeline.ingest import ingest
 from pipeline.problem import to_original
-from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published, run_converged
+from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published
 from pipeline.report import loss_curve_data_uri, markdown, write_loss_curve
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
@@ -118,7 +118,7 @@ def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: 
                 old_metrics = published["metrics"]
         store = RunStore.open(run_uri, mode="r+")
         decision = decide(s.train.model, metrics, old_metrics, old_run, s.publish_tolerance,
-                          converged=run_converged(store), allow_unconverged=s.allow_unconverged)
+                          converged=store.converged, allow_unconverged=s.allow_unconverged)
         (log.info if decision.publish else log.warning)("publish %s: %s", "yes" if decision.publish else "no",
                                                         decision.reason)
         store.annotate(metrics=metrics, publish=decision.to_json())

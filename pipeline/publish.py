@@ -50,11 +50,6 @@ def decide(model: str, new_metrics: dict[str, float], published_metrics: dict[st
                     f"{metric} {new:.6g} is {verdict} the published {old:.6g} (run {published_run})")
 
 
-def run_converged(store: RunStore) -> bool:
-    """Whether a run met its tolerance (stores written before the ``converged`` attribute: by its status)."""
-    return bool(store.attrs.get("converged", store.status == "converged"))
-
-
 def exclusive(models_dir: Path) -> AbstractContextManager[None]:
     """One quality gate at a time per model: two overlapping runs must not both judge against the same old
     ``latest.json`` and let the slower writer win. Blocks until the other gate is done."""

@@ -61,9 +61,10 @@ class FeatureStats:
             return cls.empty(d)
         mean = XT.sum(axis=1, dtype=np.float64) / n
         m2 = np.empty(d)
-        for j in range(d):
-            dev = np.subtract(XT[j], mean[j], dtype=np.float64)
-            m2[j] = dev @ dev
+        with np.errstate(over="ignore"):  # beyond 1e154 M2 is inf: training refuses it with a clear message
+            for j in range(d):
+                dev = np.subtract(XT[j], mean[j], dtype=np.float64)
+                m2[j] = dev @ dev
         return cls(n, mean, m2, XT.min(axis=1).astype(np.float64), XT.max(axis=1).astype(np.float64))
 
     @classmethod
@@ -96,7 +97,8 @@ class FeatureStats:
         n = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        with np.errstate(over="ignore"):
+            m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
         return FeatureStats(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max))
 
     def _merge_weighted(self, other: FeatureStats) -> FeatureStats:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from distributed import Client
@@ -131,6 +131,26 @@ def _engine(client: Client | str, ds, config: TrainConfig) -> ChunkEngine:
     tune_latency(client)
     return ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
                        itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist, fan_in=config.fan_in)
+
+
+# Beyond this magnitude squares, cross-products and their sums over rows leave float64's range (≈1.8e308):
+# the statistics, Grams and losses turn to inf. No real feature or target is this large in its own units.
+MAX_ABS = 1e100
+
+
+def check_magnitudes(info) -> None:
+    """Refuse a feature or target too large for float64 arithmetic, from the ingest statistics (no pass)."""
+    if not info.n_rows:
+        return
+    columns = list(zip(info.feature_names, np.maximum(np.abs(info.stats.min), np.abs(info.stats.max)),
+                       strict=True))
+    if info.target_stats is not None:
+        columns.append((info.target, max(abs(info.target_stats.min), abs(info.target_stats.max))))
+    for name, biggest in columns:
+        if not biggest <= MAX_ABS:
+            raise GradpipeError(f"column {name!r} holds values as large as {biggest:.3g} in magnitude: beyond "
+                                f"{MAX_ABS:g} their squares and sums overflow float64 and no solver can fit them. "
+                                "Rescale that column (other units, or a log) and ingest again.")
 
 
 def check_target_domain(info, fam) -> bool:
@@ -254,6 +274,7 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
             return train(dataset, config, client=c, runs_dir=runs_dir, run_id=run_id, init=init,
                          on_iteration=on_iteration)
     ds = open_dataset(dataset)
+    check_magnitudes(ds)
     problem = problem_for(config, ds)
     resolve(config.solver, problem)  # a solver that cannot solve this problem fails before any pass
     run_id = run_id or new_run_id(ds.path)
@@ -278,7 +299,7 @@ def _taken(path: Path) -> bool:
     try:
         empty = RunStore.open(path).committed < 0
     except Exception:  # noqa: BLE001 - killed while being created: not even its metadata is complete
-        empty = not (path / "zarr.json").is_file()
+        empty = not RunStore.has_metadata(path)
     if empty:
         log.warning("run store %s holds no iteration (killed before row 0): starting it again", path)
         shutil.rmtree(path)
@@ -433,16 +454,18 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
                 except Stalled as done:  # nothing new: row t stays the last, with its own solver state
                     status, message, final_state = "converged", str(done), before
                     break
+                except GradpipeError as failed:  # no step possible (a line search, a Hessian): as divergence
+                    flush(before)
+                    _diverged(store, writer,
+                              f"training stopped at iteration {t + 1}: {failed} The last good θ (iteration {t}) "
+                              f"is kept.{_separable_hint(row.loss, loss0, problem)}")
                 if not math.isfinite(new.loss) or new.loss > config.diverge_ratio * max(abs(loss0), 1e-12):
                     flush(before)
-                    writer.close()
-                    store.finalize()
-                    msg = (f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "
-                           f"the last good θ (iteration {t}) is kept. "
-                           + (f"Lower --lr (now {config.lr:g}) or use --lr auto." if config.lr != "auto" else
-                              "Check the data for extreme values, or try --solver gd."))
-                    store.set_status("diverged", msg)
-                    raise GradpipeError(msg)
+                    _diverged(store, writer,
+                              f"training diverged at iteration {t + 1} (loss {new.loss:g}, started at {loss0:g}); "
+                              f"the last good θ (iteration {t}) is kept. "
+                              + (f"Lower --lr (now {config.lr:g}) or use --lr auto." if config.lr != "auto" else
+                                 "Check the data for extreme values, or try --solver gd."))
                 prev_loss, row, t, steps = row.loss, new, t + 1, steps + 1
                 rec = _record(row, elapsed(), objective.passes, problem)
                 pending.append(rec)
@@ -473,6 +496,22 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
         seconds_per_iter=loop_seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
         checkpoint_write_seconds=writer.busy_seconds, model=config.model, solver=solver.name,
         loss_history=store.column("loss"), warnings=warnings, inference=stats)
+
+
+def _diverged(store: RunStore, writer: CheckpointWriter, message: str) -> NoReturn:
+    """End a run that cannot go on (its last good row already handed to the writer): the status says why."""
+    writer.close()
+    store.finalize()
+    store.set_status("diverged", message)
+    raise GradpipeError(message)
+
+
+def _separable_hint(loss: float, loss0: float, problem: Problem) -> str:
+    """Why a line search fails with the loss near its floor of 0: a classifier whose classes separate."""
+    if problem.penalty.active or loss > 1e-6 * abs(loss0):
+        return ""
+    return (f" The loss fell to {loss:.3g} from {loss0:.3g}: the classes are likely perfectly separable, so the "
+            "unpenalized coefficients grow without bound; add a penalty (e.g. --l2 1e-4).")
 
 
 def _unconverged_warning(status: str, message: str, row: Row) -> str:

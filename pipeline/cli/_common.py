@@ -43,7 +43,9 @@ def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Pat
     by_id = Path(runs_dir) / f"{text.removesuffix('.zarr')}.zarr"
     if by_id.exists():
         return by_id
-    if as_path.exists() and (as_path / "zarr.json").exists():
+    from pipeline.store.runs import RunStore
+
+    if RunStore.has_metadata(as_path):
         return as_path
     raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
                         f"(see `gradpipe runs list --runs-dir {runs_dir}`).")

@@ -103,14 +103,24 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.errors import GradpipeError
     from pipeline.progress import TrainProgress, wanted
     from pipeline.store.dataset import read_info
-    from pipeline.training import check_new_run_id, check_resumable, check_target_domain, resume, train
+    from pipeline.training import (
+        check_magnitudes,
+        check_new_run_id,
+        check_resumable,
+        check_target_domain,
+        resume,
+        train,
+    )
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")
     if args.dataset:
         config = _config(args).validate()
-        # a missing or wrong dataset fails before a cluster starts, and so does a target outside --model's domain
-        check_target_domain(read_info(args.dataset), config.family)  # a target it cannot fit too
+        # a missing or wrong dataset fails before a cluster starts, and so do values too large for float64 and a
+        # target outside --model's domain
+        info = read_info(args.dataset)
+        check_magnitudes(info)
+        check_target_domain(info, config.family)
         if args.run_id:
             check_new_run_id(args.run_id, args.runs_dir)  # so does a run id that is taken
         max_iter = config.max_iter

@@ -7,8 +7,9 @@ QR, combined up the fixed tree by QR of stacked factors). With ``R = [[R₁₁, 
 
 so the solution, the loss and the gradient at any θ come from R on the driver with no further pass, and at
 lstsq's accuracy (the normal equations square the condition number and lose half the digits). Ridge
-appends √(nλ)/sⱼ rows to R₁₁ (the penalty acts on original-scale weights). Rank deficiency is solved by the
-SVD of the small system: the minimum-norm solution in the standardized space (a constant feature gets
+appends √(nλ)/sⱼ rows to R₁₁ (the penalty acts on original-scale weights). The small system is solved by
+SVD with its columns scaled to unit norm, so the rank is judged per column whatever the features' scales.
+Rank deficiency gives the minimum-norm solution in the standardized space (a constant feature gets
 coefficient 0, as in scikit-learn; duplicated features share the weight), with a warning naming the
 features.
 
@@ -83,9 +84,14 @@ class Exact(Solver):
         if lam > 0:
             D = np.diag(np.concatenate([[0.0], np.sqrt(self.obj.weight_sum * lam) / scale]))
             R11, r = np.vstack([R11, D]), np.concatenate([r, np.zeros(d + 1)])
-        beta, _, rank, _ = np.linalg.lstsq(R11, r, rcond=None)
+        # Columns scaled to unit norm first: the rank cut is then relative to each column, not to the largest
+        # (unstandardized features of scale 1e30 would otherwise make every other column look dependent).
+        norms = np.linalg.norm(R11, axis=0)
+        norms[norms == 0] = 1.0
+        beta, _, rank, _ = np.linalg.lstsq(R11 / norms, r, rcond=None)
+        beta /= norms
         if rank < d + 1:
-            self.warnings.append(self._rank_warning(R11, rank))
+            self.warnings.append(self._rank_warning(R11 / norms, rank))
         theta = np.empty(d + 1)
         theta[_perm(d)] = beta
         return theta

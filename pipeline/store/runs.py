@@ -224,6 +224,16 @@ class RunStore:
                           n_rows=int(meta.get("n_rows", 0)), mean=meta.get("mean"), scale=meta.get("scale"),
                           weight=meta.get("weight"), offset=meta.get("offset"))
 
+    @staticmethod
+    def has_metadata(path: str | Path) -> bool:
+        """Whether ``path`` holds a Zarr group's metadata at all (a store killed while created may not)."""
+        return (Path(path) / "zarr.json").is_file()
+
+    @property
+    def converged(self) -> bool:
+        """Whether the run met its tolerance (stores written before the attribute existed: by the status)."""
+        return bool(self._attrs.get("converged", self.status == "converged"))
+
     @property
     def status(self) -> str:
         return self._attrs.get("status", "unknown")
