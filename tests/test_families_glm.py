@@ -22,10 +22,10 @@ from sklearn.metrics import (
 )
 
 from pipeline.config import TrainConfig
+from pipeline.data_checks import check_target_domain
 from pipeline.errors import GradpipeError
 from pipeline.families import Binomial, Gamma, Gaussian, Poisson, Tweedie, expit, get_family
 from pipeline.stats import TargetStats
-from pipeline.training import check_target_domain
 
 LOG_LINK = [Poisson(), Gamma(), Tweedie(1.2), Tweedie(1.5), Tweedie(1.8)]
 ALL = [Gaussian(), Binomial(), *LOG_LINK]

@@ -100,17 +100,11 @@ def _loss_curve(run_uri: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import dask_client
+    from pipeline.data_checks import check_magnitudes, check_target_domain
     from pipeline.errors import GradpipeError
     from pipeline.progress import TrainProgress, wanted
     from pipeline.store.dataset import read_info
-    from pipeline.training import (
-        check_magnitudes,
-        check_new_run_id,
-        check_resumable,
-        check_target_domain,
-        resume,
-        train,
-    )
+    from pipeline.training import check_new_run_id, check_resumable, resume, train
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new run) or --resume RUN_ID (continue a run).")

@@ -88,10 +88,11 @@ class Exact(Solver):
         # (unstandardized features of scale 1e30 would otherwise make every other column look dependent).
         norms = np.linalg.norm(R11, axis=0)
         norms[norms == 0] = 1.0
-        beta, _, rank, _ = np.linalg.lstsq(R11 / norms, r, rcond=None)
+        scaled = R11 / norms
+        beta, _, rank, _ = np.linalg.lstsq(scaled, r, rcond=None)
         beta /= norms
         if rank < d + 1:
-            self.warnings.append(self._rank_warning(R11 / norms, rank))
+            self.warnings.append(self._rank_warning(scaled, rank))
         theta = np.empty(d + 1)
         theta[_perm(d)] = beta
         return theta
