@@ -106,6 +106,14 @@ def _leaf(path: str, start: int, stop: int, key: str | None) -> Leaf:
     return read_rows(path, start, stop)
 
 
+def apply(kernel: Kernel, leaf: Leaf, start: int, args: tuple) -> np.ndarray:
+    """``kernel(X, y, w, offset, *args)``; a kernel marked ``with_start`` also gets the leaf's first dataset
+    row after the leaf (cross-validation folds are a function of the row index)."""
+    if getattr(kernel, "with_start", False):
+        return kernel(*leaf, start, *args)
+    return kernel(*leaf, *args)
+
+
 _prepared = False
 
 
@@ -123,11 +131,11 @@ def _run_group(payload: bytes) -> dict[Node, np.ndarray]:
     if combine is add:
         tree = _FoldingTree([i for i, _ in leaves], n_leaves, fan_in)
         for i, ((a, b), k) in leaves:
-            tree.insert(0, i, kernel(*_leaf(path, a, b, k), *args))
+            tree.insert(0, i, apply(kernel, _leaf(path, a, b, k), a, args))
         return tree.nodes
     nodes: dict[Node, np.ndarray] = {}
     for i, ((a, b), k) in leaves:
-        nodes[(0, i)] = kernel(*_leaf(path, a, b, k), *args)
+        nodes[(0, i)] = apply(kernel, _leaf(path, a, b, k), a, args)
         nodes = reduce_tree(nodes, n_leaves, fan_in, combine)  # combine as the leaves come
     return nodes
 

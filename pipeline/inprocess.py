@@ -16,7 +16,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import pipeline.losses  # noqa: F401  (the kernels' module, loaded before the first pass)
-from pipeline.engine import ChunkLayout, Combine, Kernel, _FoldingTree, _root, add, reduce_tree
+from pipeline.engine import ChunkLayout, Combine, Kernel, _FoldingTree, _root, add, apply, reduce_tree
 from pipeline.store.dataset import read_rows
 
 
@@ -61,10 +61,13 @@ class InProcessEngine:
             if combine is add:
                 tree = _FoldingTree(list(range(len(chosen))), len(chosen), self.fan_in)
                 for i, p in enumerate(chosen):
-                    tree.insert(0, i, kernel(*self._leaves[p], *args))
+                    tree.insert(0, i, self._apply(kernel, p, args))
                 return _root(tree.nodes)
-            nodes = {(0, i): kernel(*self._leaves[p], *args) for i, p in enumerate(chosen)}
+            nodes = {(0, i): self._apply(kernel, p, args) for i, p in enumerate(chosen)}
             return _root(reduce_tree(nodes, len(nodes), self.fan_in, combine))
+
+    def _apply(self, kernel: Kernel, position: int, args: tuple) -> np.ndarray:
+        return apply(kernel, self._leaves[position], self.layout.bounds[position][0], args)
 
     def close(self) -> None:
         self._leaves = []

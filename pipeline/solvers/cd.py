@@ -119,8 +119,9 @@ def _polish(H: np.ndarray, g: np.ndarray, theta0: np.ndarray, a: np.ndarray, the
 
 
 def l1_quadratic(H: np.ndarray, g: np.ndarray, theta0: np.ndarray, a: np.ndarray, *, tol: float = TOL,
-                 max_sweeps: int = MAX_SWEEPS) -> CDResult:
-    """argmin_θ gᵀ(θ − θ₀) + ½(θ − θ₀)ᵀH(θ − θ₀) + Σ aⱼ|θⱼ|, warm-started at θ₀ (H symmetric PSD).
+                 max_sweeps: int = MAX_SWEEPS, start: np.ndarray | None = None) -> CDResult:
+    """argmin_θ gᵀ(θ − θ₀) + ½(θ − θ₀)ᵀH(θ − θ₀) + Σ aⱼ|θⱼ|, warm-started at θ₀ or at ``start`` (the
+    solution for the previous λ of a path) (H symmetric PSD).
 
     CD finds the support and signs fast but converges only linearly (thousands of sweeps for correlated
     features); so once the signs have held for a few sweeps, the exact minimizer on that support is tried
@@ -138,7 +139,7 @@ def l1_quadratic(H: np.ndarray, g: np.ndarray, theta0: np.ndarray, a: np.ndarray
         raise GradpipeError("the Hessian or gradient is not finite; the data may hold NaN or extreme values.")
     diag_arr = np.diag(H).copy()
     usable = diag_arr > 0
-    theta = theta0.copy()
+    theta = (theta0 if start is None else np.asarray(start, dtype=np.float64)).copy()
     theta[~usable & (a > 0)] = 0.0
     diag, a_list = diag_arr.tolist(), a.tolist()
     active = usable & ((theta != 0) | (a == 0))

@@ -40,6 +40,23 @@ def _perm(d: int) -> np.ndarray:
     return np.concatenate([[d], np.arange(d)])
 
 
+def r_loss_grad(R: np.ndarray, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    """½‖A₁β − y‖² and its gradient in θ's order, from R of ``[1 | X_std | y]`` (no pass)."""
+    d = len(theta) - 1
+    p = _perm(d)
+    e = R[:-1, :-1] @ theta[p] - R[:-1, -1]
+    grad = np.empty(d + 1)
+    grad[p] = R[:-1, :-1].T @ e
+    return 0.5 * (float(e @ e) + float(R[-1, -1]) ** 2), grad
+
+
+def r_gram(R: np.ndarray) -> np.ndarray:
+    """The Gram AᵀA of ``[X_std, 1]`` in θ's order, from R (what coordinate descent needs)."""
+    d = R.shape[0] - 2
+    A = R[:-1, :-1][:, np.argsort(_perm(d))]  # A θ = R₁₁ β
+    return A.T @ A
+
+
 class Exact(Solver):
     name = "exact"
     Options = StopOptions
@@ -65,14 +82,8 @@ class Exact(Solver):
         self.R = row.state["r_factor"]
 
     def _value_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        d = self.n_params - 1
-        p = _perm(d)
-        R11, r = self.R[:-1, :-1], self.R[:-1, -1]
-        e = R11 @ theta[p] - r
-        rss = float(e @ e) + float(self.R[-1, -1]) ** 2
-        grad = np.empty(d + 1)
-        grad[p] = R11.T @ e
-        return self.problem.finish(0.5 * rss, grad, self.obj.weight_sum, theta)
+        half_rss, grad = r_loss_grad(self.R, theta)
+        return self.problem.finish(half_rss, grad, self.obj.weight_sum, theta)
 
     def solve(self) -> np.ndarray:
         """The (penalized) least-squares θ from R."""
@@ -99,9 +110,7 @@ class Exact(Solver):
 
     def _solve_l1(self) -> np.ndarray:
         """The elastic net by coordinate descent on the Gram R₁₁ᵀR₁₁, refined with gradients from R."""
-        d = self.n_params - 1
-        A = self.R[:-1, :-1][:, np.argsort(_perm(d))]  # A θ = R₁₁ β
-        H = self.problem.hessian(A.T @ A, self.obj.weight_sum)
+        H = self.problem.hessian(r_gram(self.R), self.obj.weight_sum)
         a = self.problem.penalty.l1_weights(self.problem.scale)
         theta, grad = self.row.theta, self.row.grad
         for _ in range(REFINE_ROUNDS):

@@ -1,0 +1,595 @@
+"""Cross-validated tuning of the penalty (and of a first-order learning rate) with passes shared by every fold
+and candidate; then one refit on all the data, a normal run (README "Tune it", docs/design.md §3).
+
+Three tuners, chosen by the problem:
+
+- **Linear** (:class:`LinearPath`): ONE pass returns the R factor of each fold's rows (``folds.chunk_fold_qr``).
+  Least squares on the training rows of fold k is the QR of the other folds' factors, the held-out error of any θ
+  is ‖R_k·[β; −1]‖², so the whole α path of every fold (coordinate descent on the driver, warm-started along the
+  path, strong-rule screening, refined with gradients from R as ``--solver exact`` does) costs no further pass.
+- **IRLS families** (:class:`NewtonPath`): proximal Newton for every (l1 ratio, α, fold) model at once. Each pass
+  evaluates all active models' trial points (``folds.chunk_fold_newton``: one product for the linear predictors,
+  one for all the weighted Grams), so the number of passes is that of the slowest model, not the sum over the grid.
+  Every model starts at the intercept-only fit, where its first step is the path of the quadratic model solved
+  along α with warm starts and strong rules; a model stops by the Newton solver's rules and then costs nothing.
+- **Learning rates** (:class:`LearningRates`, ``--lr-grid``): gradient descent (proximal with an L1 term) at each
+  candidate learning rate and fold, all θ in the same passes, for ``--max-iter`` steps; a candidate that diverges
+  is out (deviance ∞).
+
+The held-out metric is the family's mean deviance (twice the mean loss: ℓ is half the unit deviance for every
+family), per fold; ``path.select`` applies the ``min`` or ``1se`` rule. Each outer iteration's state is committed to
+the tune store (:mod:`pipeline.store.tunes`) before the next pass, and every pass is bitwise reproducible (the
+engine's fixed tree), so a SIGKILL + ``--resume`` ends with bit for bit the result of an uninterrupted tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from pipeline import __version__, folds, path
+from pipeline.config import MODELS, PERSIST, TrainConfig
+from pipeline.data_checks import check_magnitudes, check_target
+from pipeline.errors import GradpipeError
+from pipeline.objective import ClusterObjective
+from pipeline.penalty import ElasticNet
+from pipeline.problem import Problem
+from pipeline.solvers.base import EPS, armijo_ok
+from pipeline.solvers.cd import l1_quadratic
+from pipeline.solvers.exact import REFINE_ROUNDS, r_gram, r_loss_grad
+from pipeline.store.dataset import open_dataset
+from pipeline.store.runs import RunStore
+from pipeline.store.tunes import TuneStore
+
+log = logging.getLogger("gradpipe.tune")
+MAX_HALVINGS = 40
+ACTIVE, CONVERGED, FAILED, DIVERGED = 0.0, 1.0, 2.0, 3.0
+
+
+@dataclass
+class TuneConfig:
+    model: str = "linear"
+    power: float = 1.5
+    cv: int = 5
+    n_alphas: int = 100
+    alpha_grid: list[float] | None = None  # explicit α values (sorted high to low); else from α_max
+    eps: float | None = None  # α_min/α_max; None: 1e-3 when rows > features, else 1e-2 (glmnet)
+    l1_ratios: list[float] = field(default_factory=lambda: [1.0])
+    lr_grid: list[float] | None = None
+    select: str = "min"
+    seed: int = 0
+    max_iter: int = 100  # outer iterations (passes) for the IRLS and learning-rate tuners
+    tol: float = 1e-12
+    l1: float = 0.0  # the penalty of a learning-rate tune (the α path has its own)
+    l2: float = 0.0
+    standardize: bool = True
+    fan_in: int = 8
+    persist: str = "auto"
+    refit: bool = True
+
+    def validate(self) -> TuneConfig:
+        def bad(flag: str, why: str) -> GradpipeError:
+            return GradpipeError(f"--{flag}: {why}")
+
+        if self.model not in MODELS:
+            raise bad("model", f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}.")
+        if self.cv < 2:
+            raise bad("cv", f"needs at least 2 folds, not {self.cv}.")
+        if self.select not in path.SELECT:
+            raise bad("select", f"choose one of {', '.join(path.SELECT)}, not {self.select!r}.")
+        if self.n_alphas < 1:
+            raise bad("alphas", f"needs at least 1 value, not {self.n_alphas}.")
+        if self.alpha_grid is not None:
+            self.alpha_grid = sorted((float(a) for a in self.alpha_grid), reverse=True)
+            if not self.alpha_grid or min(self.alpha_grid) <= 0:
+                raise bad("alpha-grid", "needs positive values.")
+        if self.eps is not None and not 0 < self.eps < 1:
+            raise bad("eps", f"must be in (0, 1), not {self.eps}.")
+        self.l1_ratios = [float(r) for r in self.l1_ratios]
+        if not self.l1_ratios or any(not 0 <= r <= 1 for r in self.l1_ratios):
+            raise bad("l1-ratio", f"values must be in [0, 1], not {self.l1_ratios}.")
+        if self.lr_grid is not None:
+            self.lr_grid = [float(v) for v in self.lr_grid]
+            if not self.lr_grid or any(not (v > 0 and math.isfinite(v)) for v in self.lr_grid):
+                raise bad("lr-grid", f"needs positive learning rates, not {self.lr_grid}.")
+            if self.select != "min":
+                raise bad("select", "1se orders candidates by penalty strength; with --lr-grid use --select min.")
+            if self.alpha_grid is not None:
+                raise bad("lr-grid", "tunes the learning rate at one penalty (--l1/--l2); drop --alpha-grid.")
+        if self.max_iter < 1:
+            raise bad("max-iter", f"must be ≥ 1, not {self.max_iter}.")
+        if self.l1 < 0 or self.l2 < 0:
+            raise bad("l1" if self.l1 < 0 else "l2", "must be ≥ 0.")
+        if self.persist not in PERSIST:
+            raise bad("persist", f"must be one of {', '.join(PERSIST)}, not {self.persist!r}.")
+        self.train_config()  # the family and power are checked where training checks them
+        return self
+
+    def train_config(self, **changes: Any) -> TrainConfig:
+        """The settings a fit of this tune runs with (the refit, at the chosen candidate)."""
+        base = TrainConfig(model=self.model, power=self.power, standardize=self.standardize, fan_in=self.fan_in,
+                           persist=self.persist)
+        return dataclasses.replace(base, **changes).validate()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TuneResult:
+    tune_id: str
+    tune_uri: str
+    status: str
+    message: str
+    kind: str  # "alpha" (the penalty path) or "lr" (learning rates)
+    n_folds: int
+    l1_ratios: list[float]
+    alphas: np.ndarray  # (R, L): the α grid per l1 ratio (kind "alpha")
+    lr_grid: list[float] | None
+    deviance: np.ndarray  # (R, L, K) or (G, K): held-out mean deviance per candidate and fold
+    mean: np.ndarray
+    se: np.ndarray
+    best: tuple[int, ...]  # index of the chosen candidate
+    alpha: float | None
+    l1_ratio: float | None
+    lr: float | None
+    coef_path: np.ndarray = field(repr=False)  # (..., K, d): the fold models in the original feature space
+    intercept_path: np.ndarray = field(repr=False)
+    feature_names: list[str] = field(default_factory=list)
+    passes: float = 0.0  # the tune's passes over the data (the refit's are in ``refit``)
+    seconds: float = 0.0
+    refit: Any = None  # the FitResult of the refit run
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_passes(self) -> float:
+        return self.passes + (self.refit.passes if self.refit is not None else 0.0)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per candidate: the settings, the CV mean and its standard error."""
+        rows = []
+        for idx in np.ndindex(self.mean.shape):
+            row = ({"lr": self.lr_grid[idx[0]]} if self.kind == "lr" else
+                   {"l1_ratio": self.l1_ratios[idx[0]], "alpha": float(self.alphas[idx])})
+            rows.append({**row, "mean_deviance": float(self.mean[idx]), "se": float(self.se[idx]),
+                         "chosen": tuple(idx) == tuple(self.best)})
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("tune_id", "tune_uri", "status", "message", "kind", "n_folds",
+                                              "l1_ratios", "lr_grid", "alpha", "l1_ratio", "lr", "passes",
+                                              "seconds", "warnings", "feature_names")}
+        out.update(best=list(self.best), total_passes=self.total_passes, alphas=self.alphas.tolist(),
+                   mean=self.mean.tolist(), se=self.se.tolist(), deviance=self.deviance.tolist(),
+                   refit=None if self.refit is None else self.refit.to_json())
+        return out
+
+
+# ---- the tuners -----------------------------------------------------------------------------------------
+class _Tuner:
+    """One outer iteration per :meth:`step` (a row of the tune store); ``done`` when nothing is left to do."""
+
+    def __init__(self, cfg: TuneConfig, problem: Problem, obj: ClusterObjective):
+        self.cfg, self.problem, self.obj = cfg, problem, obj
+        self.K, self.p = cfg.cv, problem.n_params
+        self.grid: np.ndarray | None = None
+        self.done = False
+
+    def penalized(self, alpha: float, l1_ratio: float) -> Problem:
+        return dataclasses.replace(self.problem, penalty=ElasticNet(alpha * l1_ratio, alpha * (1.0 - l1_ratio)))
+
+    def make_grid(self, full_grad: np.ndarray, n_rows: int) -> np.ndarray:
+        """(R, L) α values: the given grid, or from α_max per l1 ratio."""
+        if self.cfg.alpha_grid is not None:
+            return np.tile(np.asarray(self.cfg.alpha_grid), (len(self.cfg.l1_ratios), 1))
+        eps = self.cfg.eps if self.cfg.eps is not None else (1e-3 if n_rows > self.p - 1 else 1e-2)
+        return np.stack([path.alpha_grid(path.alpha_max(full_grad, self.problem.scale, r), self.cfg.n_alphas, eps)
+                         for r in self.cfg.l1_ratios])
+
+    def _pass(self, thetas: np.ndarray, model_fold: np.ndarray, gram: bool) -> np.ndarray:
+        self.obj.passes += 1
+        return self.obj.engine.map_reduce(folds.chunk_fold_newton, self.problem.family, self.K, self.cfg.seed,
+                                          thetas, model_fold, self.problem.mean, self.problem.scale, gram,
+                                          result_bytes=8 * len(thetas) * self.p * (self.p + 4))
+
+    def restore(self, row: dict[str, np.ndarray], resume: dict[str, Any], grid: np.ndarray | None) -> None:
+        self.state, self.grid = row, grid
+        self.done = bool(resume.get("done"))
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"done": self.done, "passes": self.obj.passes}
+
+
+class LinearPath(_Tuner):
+    """Least squares: the per-fold R factors in one pass, then every fold's α path on the driver."""
+
+    kind = "alpha"
+
+    def start(self) -> dict[str, np.ndarray]:
+        self.obj.passes += 1
+        R = self.obj.engine.map_reduce(folds.chunk_fold_qr, self.K, self.cfg.seed, self.problem.mean,
+                                       self.problem.scale, combine=folds.fold_qr_combine)
+        _check_folds([float(Rk[0, 0]) ** 2 for Rk in R], self.cfg)
+        full = folds.qr_combine(list(R))
+        n = float(full[0, 0]) ** 2  # the ones column: R₀₀² = Σw
+        theta0 = np.zeros(self.p)
+        theta0[-1] = float(full[0, -1] / full[0, 0])  # the intercept-only least-squares fit
+        self.grid = self.make_grid(r_loss_grad(full, theta0)[1] / n, self.obj.n_rows)
+        self.state = {"r_factors": R}
+        return self.state
+
+    def step(self) -> dict[str, np.ndarray]:
+        R = self.state["r_factors"]
+        thetas = np.empty((len(self.cfg.l1_ratios), self.grid.shape[1], self.K, self.p))
+        dev = np.empty(thetas.shape[:3])
+        for k in range(self.K):
+            train = folds.qr_combine([R[f] for f in range(self.K) if f != k])
+            n_tr, n_ho = float(train[0, 0]) ** 2, float(R[k][0, 0]) ** 2
+            for i, ratio in enumerate(self.cfg.l1_ratios):
+                thetas[i, :, k] = self._fold_path(train, n_tr, self.grid[i], ratio)
+                for j in range(self.grid.shape[1]):
+                    dev[i, j, k] = 2.0 * r_loss_grad(R[k], thetas[i, j, k])[0] / n_ho
+        self.done = True
+        self.state = {"theta": thetas, "deviance": dev}
+        return self.state
+
+    def _fold_path(self, R: np.ndarray, n: float, alphas: np.ndarray, ratio: float) -> np.ndarray:
+        """θ along the α path of one fold's training rows (warm starts, strong rules, refinement from R)."""
+        gram = r_gram(R)
+        theta = np.zeros(self.p)
+        theta[-1] = float(R[0, -1] / R[0, 0])
+        out, a_prev = [], None
+        for alpha in alphas:
+            prob = self.penalized(alpha, ratio)
+            H = prob.hessian(gram.copy(), n)
+            a = prob.penalty.l1_weights(prob.scale)
+            _, g = prob.finish(*r_loss_grad(R, theta), n, theta)
+            discard = (np.zeros(self.p, bool) if a_prev is None else path.strong_discard(g, theta, a, a_prev))
+            new = path.screened_solve(H, g, theta, a, theta, discard)
+            for _ in range(REFINE_ROUNDS):  # the Gram squares R's condition: correct with R's exact gradient
+                if np.array_equal(new, theta):
+                    break
+                theta = new
+                _, g = prob.finish(*r_loss_grad(R, theta), n, theta)
+                new = l1_quadratic(H, g, theta, a).theta
+            theta, a_prev = new, a
+            out.append(theta)
+        return np.stack(out)
+
+    def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.state["theta"], self.state["deviance"], np.full(self.state["deviance"].shape, CONVERGED)
+
+
+class NewtonPath(_Tuner):
+    """Proximal Newton for every (l1 ratio, α, fold) model in the same passes."""
+
+    kind = "alpha"
+
+    def start(self) -> dict[str, np.ndarray]:
+        self.obj.passes += 1  # the target's weighted mean: a read of y
+        _, n, sum_y = self.obj.target_summary()
+        theta0 = np.zeros(self.p)
+        theta0[-1] = self.problem.family.null_predictor(sum_y / n)
+        at = folds.fold_layout(self.p, gram=True)
+        out = self._pass(np.tile(theta0, (self.K, 1)), np.arange(self.K), gram=True)
+        fold_n = np.stack([out[:, at["n"]][:, 0], out[:, at["ho_n"]][:, 0]], axis=1)
+        _check_folds(fold_n[:, 1], self.cfg)
+        full_grad = (out[0, at["grad"]] + out[0, at["ho_grad"]]) / (fold_n[0].sum())
+        self.grid = self.make_grid(full_grad, self.obj.n_rows)
+        R, L, K, p = len(self.cfg.l1_ratios), self.grid.shape[1], self.K, self.p
+        st = {"theta": np.tile(theta0, (R, L, K, 1)), "loss": np.empty((R, L, K)), "direction": np.empty((R, L, K, p)),
+              "slope": np.empty((R, L, K)), "step": np.ones((R, L, K)), "status": np.full((R, L, K), ACTIVE),
+              "halvings": np.zeros((R, L, K)), "last_step": np.full((R, L, K), np.inf),
+              "deviance": np.empty((R, L, K)), "fold_n": fold_n}
+        for k in range(K):
+            loss_k, grad_k = out[k, at["loss"]][0], out[k, at["grad"]]
+            gram_k = out[k, at["gram"]].reshape(p, p)
+            st["deviance"][:, :, k] = 2.0 * out[k, at["ho_loss"]][0] / fold_n[k, 1]
+            for i, ratio in enumerate(self.cfg.l1_ratios):
+                prev, a_prev = theta0, None
+                for j, alpha in enumerate(self.grid[i]):  # the first step's path: warm starts, strong rules
+                    prob = self.penalized(alpha, ratio)
+                    F, g = prob.finish(loss_k, grad_k, fold_n[k, 0], theta0)
+                    H = prob.hessian(gram_k.copy(), fold_n[k, 0])
+                    a = prob.penalty.l1_weights(prob.scale)
+                    r = g + H @ (prev - theta0)
+                    discard = np.zeros(p, bool) if a_prev is None else path.strong_discard(r, prev, a, a_prev)
+                    target = path.screened_solve(H, g, theta0, a, prev, discard)
+                    self._set(st, (i, j, k), prob, F, g, target - theta0, theta0)
+                    prev, a_prev = target, a
+        self.state = st
+        return st
+
+    @staticmethod
+    def _set(st: dict[str, np.ndarray], idx: tuple[int, int, int], prob: Problem, F: float, g: np.ndarray,
+             direction: np.ndarray, theta: np.ndarray) -> None:
+        pen, scale = prob.penalty, prob.scale
+        l1_change = pen.l1_value(theta + direction, scale) - pen.l1_value(theta, scale) if pen.l1 else 0.0
+        st["loss"][idx], st["direction"][idx] = F, direction
+        st["slope"][idx] = float(g @ direction) + l1_change
+
+    def step(self) -> dict[str, np.ndarray]:
+        st = {k: v.copy() for k, v in self.state.items()}
+        active = np.argwhere(st["status"] == ACTIVE)
+        trials = np.stack([st["theta"][tuple(i)] + st["step"][tuple(i)] * st["direction"][tuple(i)] for i in active])
+        at = folds.fold_layout(self.p, gram=True)
+        out = self._pass(trials, active[:, 2], gram=True)
+        for row, idx, trial in zip(out, map(tuple, active), trials, strict=True):
+            i, j, k = idx
+            prob = self.penalized(self.grid[i, j], self.cfg.l1_ratios[i])
+            n_tr = st["fold_n"][k, 0]
+            F, g = prob.finish(row[at["loss"]][0], row[at["grad"]], n_tr, trial)
+            step = st["step"][idx]
+            if not math.isfinite(st["loss"][idx]) or armijo_ok(F, st["loss"][idx], st["slope"][idx], step):
+                move = float(np.max(np.abs(trial - st["theta"][idx])))
+                st["theta"][idx], st["deviance"][idx] = trial, 2.0 * row[at["ho_loss"]][0] / st["fold_n"][k, 1]
+                H = prob.hessian(row[at["gram"]].reshape(self.p, self.p), n_tr)
+                a = prob.penalty.l1_weights(prob.scale)
+                direction = l1_quadratic(H, g, trial, a).theta - trial
+                self._set(st, idx, prob, F, g, direction, trial)
+                st["step"][idx], st["halvings"][idx], st["last_step"][idx] = 1.0, 0.0, move
+                small = math.sqrt(self.cfg.tol) * max(1.0, float(np.max(np.abs(trial))))
+                # Newton's rules: a full step below √tol, or a decrement at the loss's rounding level with a
+                # pending step below √tol (a step the loss cannot resolve cannot be verified by a line search)
+                if ((step == 1.0 and move <= small)
+                        or (-0.5 * st["slope"][idx] <= 8 * EPS * max(abs(F), 1e-300)
+                            and float(np.max(np.abs(direction))) <= small)):
+                    st["status"][idx] = CONVERGED
+            elif st["halvings"][idx] + 1 >= MAX_HALVINGS:
+                flat = abs(F - st["loss"][idx]) <= 16 * EPS * abs(st["loss"][idx])
+                st["status"][idx] = CONVERGED if flat else FAILED
+            else:
+                st["step"][idx] = step / 2.0
+                st["halvings"][idx] += 1
+        self.done = not (st["status"] == ACTIVE).any()
+        self.state = st
+        return st
+
+    def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dev = np.where(self.state["status"] == FAILED, np.inf, self.state["deviance"])
+        return self.state["theta"], dev, self.state["status"]
+
+
+class LearningRates(_Tuner):
+    """Gradient descent at each candidate learning rate and fold, all θ in the same passes."""
+
+    kind = "lr"
+
+    def start(self) -> dict[str, np.ndarray]:
+        G, K, p = len(self.cfg.lr_grid), self.K, self.p
+        at = folds.fold_layout(p, gram=False)
+        out = self._pass(np.zeros((K, p)), np.arange(K), gram=False)
+        fold_n = np.stack([out[:, at["n"]][:, 0], out[:, at["ho_n"]][:, 0]], axis=1)
+        _check_folds(fold_n[:, 1], self.cfg)
+        st = {"theta": np.zeros((G, K, p)), "loss": np.empty((G, K)), "grad": np.empty((G, K, p)),
+              "status": np.full((G, K), ACTIVE), "deviance": np.empty((G, K)), "loss0": np.empty((G, K)),
+              "fold_n": fold_n}
+        for k in range(K):
+            F, g = self.problem.finish(out[k, at["loss"]][0], out[k, at["grad"]], fold_n[k, 0], np.zeros(p))
+            st["loss"][:, k], st["loss0"][:, k], st["grad"][:, k] = F, F, g
+            st["deviance"][:, k] = 2.0 * out[k, at["ho_loss"]][0] / fold_n[k, 1]
+        self.state = st
+        return st
+
+    def step(self) -> dict[str, np.ndarray]:
+        st = {k: v.copy() for k, v in self.state.items()}
+        active = np.argwhere(st["status"] == ACTIVE)
+        pen, scale = self.problem.penalty, self.problem.scale
+        trials = np.stack([pen.prox(st["theta"][g, k] - self.cfg.lr_grid[g] * st["grad"][g, k],
+                                    self.cfg.lr_grid[g], scale) for g, k in active])
+        at = folds.fold_layout(self.p, gram=False)
+        out = self._pass(trials, active[:, 1], gram=False)
+        for row, (g, k), trial in zip(out, active, trials, strict=True):
+            F, grad = self.problem.finish(row[at["loss"]][0], row[at["grad"]], st["fold_n"][k, 0], trial)
+            F += pen.l1_value(trial, scale)
+            if not math.isfinite(F) or F > 1e8 * max(abs(st["loss0"][g, k]), 1e-12):
+                st["status"][g, k] = DIVERGED
+                continue
+            change = abs(st["loss"][g, k] - F)
+            st["theta"][g, k], st["grad"][g, k], st["loss"][g, k] = trial, grad, F
+            st["deviance"][g, k] = 2.0 * row[at["ho_loss"]][0] / st["fold_n"][k, 1]
+            if change <= self.cfg.tol * max(abs(F), 1e-300):
+                st["status"][g, k] = CONVERGED
+        self.done = not (st["status"] == ACTIVE).any()
+        self.state = st
+        return st
+
+    def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dev = np.where(self.state["status"] == DIVERGED, np.inf, self.state["deviance"])
+        return self.state["theta"], dev, self.state["status"]
+
+
+def _check_folds(held_out: Any, cfg: TuneConfig) -> None:
+    empty = [k for k, n in enumerate(held_out) if not n > 0]
+    if empty:
+        raise GradpipeError(f"--cv {cfg.cv}: fold {empty[0]} holds no rows (with weight > 0); use fewer folds.")
+
+
+def _tuner(cfg: TuneConfig, problem: Problem, obj: ClusterObjective) -> _Tuner:
+    if cfg.lr_grid is not None:
+        return LearningRates(cfg, problem, obj)
+    if problem.family.supports_exact:
+        return LinearPath(cfg, problem, obj)
+    return NewtonPath(cfg, problem, obj)
+
+
+# ---- the API ----------------------------------------------------------------------------------------------
+def new_tune_id(dataset: str) -> str:
+    stem = Path(str(dataset).rstrip("/")).name.removesuffix(".zarr") or "tune"
+    return f"{stem}-tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def tune(dataset: str | Path, config: TuneConfig | None = None, *, client: Client | str | None = None,
+         runs_dir: str | Path = "data/runs", tunes_dir: str | Path = "data/tunes",
+         tune_id: str | None = None) -> TuneResult:
+    """Cross-validate a penalty path (or learning rates) on a dataset store, then refit at the choice; every
+    outer iteration is committed to ``tunes_dir/tune_id.zarr``. ``client`` as for ``pipeline.train``."""
+    cfg = (config or TuneConfig()).validate()
+    if client is None:
+        from pipeline.cluster import dask_client
+
+        with dask_client() as c:
+            return tune(dataset, cfg, client=c, runs_dir=runs_dir, tunes_dir=tunes_dir, tune_id=tune_id)
+    ds = open_dataset(dataset)
+    _check_dataset(ds, cfg)
+    tune_id = tune_id or new_tune_id(ds.path)
+    target = Path(tunes_dir) / f"{tune_id}.zarr"
+    store = TuneStore.create(target, config=cfg.to_json(), version=__version__,
+                             dataset={"uri": ds.path, "fingerprint": ds.fingerprint(), "n_rows": ds.n_rows})
+    return _run(client, ds, cfg, store, runs_dir, fresh=True)
+
+
+def resume_tune(tune_id: str, *, tunes_dir: str | Path = "data/tunes", runs_dir: str | Path = "data/runs",
+                client: Client | str | None = None) -> TuneResult:
+    """Continue a tune from its last committed outer iteration (and its refit, if that had started)."""
+    store = TuneStore.open(Path(tunes_dir) / f"{tune_id}.zarr", mode="r+")
+    ds = open_dataset(store.dataset["uri"])
+    if ds.fingerprint() != store.dataset["fingerprint"]:
+        raise GradpipeError(f"dataset {store.dataset['uri']} changed since tune {tune_id} started; start a new "
+                            f"tune with `gradpipe tune --dataset {store.dataset['uri']}`.")
+    cfg = TuneConfig.from_json(store.config).validate()
+    if client is None:
+        from pipeline.cluster import dask_client
+
+        with dask_client() as c:
+            return resume_tune(tune_id, tunes_dir=tunes_dir, runs_dir=runs_dir, client=c)
+    return _run(client, ds, cfg, store, runs_dir, fresh=store.committed < 0)
+
+
+def _check_dataset(ds, cfg: TuneConfig) -> None:
+    if ds.has_offset:
+        raise GradpipeError("gradpipe tune does not support a dataset with an offset column yet; tune without "
+                            "it, or train at chosen settings with `gradpipe train --alpha …`.")
+    check_magnitudes(ds)
+
+
+def _run(client, ds, cfg: TuneConfig, store: TuneStore, runs_dir: str | Path, fresh: bool) -> TuneResult:
+    from pipeline.training import _engine, problem_for
+
+    t0 = time.perf_counter()
+    problem = problem_for(cfg.train_config(l1=cfg.l1, l2=cfg.l2), ds)
+    engine = _engine(client, ds, cfg.train_config())
+    engine.name = store.tune_id
+    try:
+        obj = ClusterObjective(engine, problem, weight_sum=ds.weight_sum, weighted_rows=ds.n_weighted_rows,
+                               weighted=ds.has_weights, has_offset=ds.has_offset)
+        tuner = _tuner(cfg, problem, obj)
+        if fresh:
+            check_target(obj, ds)
+            try:
+                row = tuner.start()
+            except BaseException:
+                if store.committed < 0:  # nothing to keep: the tune id can start again
+                    shutil.rmtree(store.path, ignore_errors=True)
+                raise
+            if tuner.grid is not None:
+                store.set_grid(tuner.grid)
+            store.append(row, tuner.resume_state())
+        else:
+            grid = None if store.grid is None else np.asarray(store.grid)
+            tuner.restore(store.row(store.committed), store.resume, grid)
+            obj.passes = float(store.resume["passes"])
+        while not tuner.done and store.committed < cfg.max_iter:
+            row = tuner.step()
+            store.append(row, tuner.resume_state())
+            log.info("tune %s: outer iteration %d, %.0f passes", store.tune_id, store.committed, obj.passes)
+    finally:
+        engine.close()
+    result = _result(tuner, cfg, store, problem, list(ds.feature_names), obj.passes)
+    if cfg.refit:
+        result.refit = _refit(ds, cfg, store, result, runs_dir, client)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _result(tuner: _Tuner, cfg: TuneConfig, store: TuneStore, problem: Problem, names: list[str],
+            passes: float) -> TuneResult:
+    thetas, dev, status = tuner.results()
+    mean, se = path.fold_summary(dev)
+    warnings = []
+    if (status == ACTIVE).any():
+        warnings.append(f"{int((status == ACTIVE).sum())} of {status.size} fold models did not converge in "
+                        f"--max-iter {cfg.max_iter} outer iterations; raise --max-iter.")
+    if (status == FAILED).any():
+        warnings.append(f"{int((status == FAILED).sum())} fold models could not decrease their loss (left out).")
+    if tuner.kind == "lr":
+        best = (int(np.argmin(np.where(np.isfinite(mean), mean, np.inf))),)
+        if not np.isfinite(mean[best]):
+            raise GradpipeError("every --lr-grid candidate diverged; try smaller learning rates.")
+        alphas = np.empty((0, 0))
+        alpha = l1_ratio = None
+        lr = cfg.lr_grid[best[0]]
+    else:
+        alphas = tuner.grid
+        best = path.select(mean, se, alphas, cfg.select)
+        alpha, l1_ratio, lr = float(alphas[best]), cfg.l1_ratios[best[0]], None
+    coefs = thetas[..., :-1] / problem.scale
+    intercepts = thetas[..., -1] - coefs @ problem.mean
+    status_word = "done" if not (status == ACTIVE).any() else "max_iter"
+    result = TuneResult(tune_id=store.tune_id, tune_uri=str(store.path.absolute()), status=status_word,
+                        message=f"{tuner.kind} chosen by {cfg.select}", kind=tuner.kind, n_folds=cfg.cv,
+                        l1_ratios=cfg.l1_ratios, alphas=alphas, lr_grid=cfg.lr_grid, deviance=dev, mean=mean, se=se,
+                        best=best, alpha=alpha, l1_ratio=l1_ratio, lr=lr, coef_path=coefs, intercept_path=intercepts,
+                        feature_names=names, passes=passes, warnings=warnings)
+    store.set_status(status_word, result.message, result={k: v for k, v in result.to_json().items()
+                                                          if k not in ("refit", "deviance")})
+    return result
+
+
+def _refit(ds, cfg: TuneConfig, store: TuneStore, result: TuneResult, runs_dir: str | Path, client):
+    """The model at the chosen setting on all the data: a normal run, warm-started from the fold models'
+    mean, with the tuning record attached."""
+    from pipeline.training import check_resumable, resume, train
+
+    if result.kind == "lr":
+        config = cfg.train_config(solver="gd", lr=result.lr, l1=cfg.l1, l2=cfg.l2, max_iter=cfg.max_iter)
+    else:
+        config = cfg.train_config(alpha=result.alpha, l1_ratio=result.l1_ratio)
+    run_id = f"{store.tune_id}-refit"
+    run_path = Path(runs_dir) / f"{run_id}.zarr"
+    record = {"tune_id": store.tune_id, "tune_uri": str(store.path.absolute()), "kind": result.kind,
+              "select": cfg.select, "cv": cfg.cv, "seed": cfg.seed, "alpha": result.alpha,
+              "l1_ratio": result.l1_ratio, "lr": result.lr, "mean_deviance": float(result.mean[result.best]),
+              "se": float(result.se[result.best])}
+    if store.refit == run_id and run_path.exists() and RunStore.open(run_path).committed >= 0:
+        run = RunStore.open(run_path)
+        if run.status in ("converged", "max_iter", "time_budget"):
+            return _finished(run, run_id, ds)
+        check_resumable(run_id, runs_dir)
+        return resume(run_id, runs_dir=runs_dir, client=client)
+    if run_path.exists():
+        shutil.rmtree(run_path)  # a refit killed before its row 0
+    store.set_status(store.status, store.message, refit=run_id)
+    init = (result.coef_path[result.best].mean(axis=0), float(result.intercept_path[result.best].mean()))
+    fit = train(ds.path, config, client=client, runs_dir=runs_dir, run_id=run_id,
+                init=None if result.kind == "lr" else init)
+    RunStore.open(run_path, mode="r+").annotate(tuning=record)
+    return fit
+
+
+def _finished(run: RunStore, run_id: str, ds):
+    """The FitResult of a refit that had already finished before the tune was resumed."""
+    from pipeline.training import FitResult
+
+    t = run.committed
+    return FitResult(run_id=run_id, run_uri=str(run.path.absolute()), status=run.status, message=run.message,
+                     n_iter=t, loss=float(run.row("loss", t)), coef=run.row("coef", t),
+                     intercept=float(run.row("intercept", t)), feature_names=list(ds.feature_names), seconds=0.0,
+                     seconds_per_iter=0.0, passes=float(run.row("passes", t)), checkpoint_seconds=0.0,
+                     checkpoint_write_seconds=0.0, model=run.model, solver=run.solver,
+                     loss_history=run.column("loss"), warnings=run.warnings, inference=run.inference)
