@@ -1,7 +1,7 @@
 """gradpipe: generalized linear models (linear, logistic, Poisson, Gamma, Tweedie) over chunked Zarr data on Dask.
 
 Imports are lazy so that ``import pipeline.losses`` stays NumPy-only and nothing here imports Prefect.
-``pipeline.train(dataset, config)`` trains; the ingest function is ``pipeline.ingest.ingest``.
+``pipeline.train(dataset, config)`` trains, ``pipeline.tune(dataset, TuneConfig(...))`` cross-validates; the ingest function is ``pipeline.ingest.ingest``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ _EXPORTS = {
     "train": "pipeline.training",
     "resume": "pipeline.training",
     "FitResult": "pipeline.training",
+    "tune": "pipeline.tune",
+    "resume_tune": "pipeline.tune",
+    "TuneConfig": "pipeline.tune",
+    "TuneResult": "pipeline.tune",
     "TrainConfig": "pipeline.config",
     "GradpipeError": "pipeline.errors",
     "load_model": "pipeline.evaluate",
