@@ -1,7 +1,8 @@
 """gradpipe: generalized linear models (linear, logistic, Poisson, Gamma, Tweedie) over chunked Zarr data on Dask.
 
 Imports are lazy so that ``import pipeline.losses`` stays NumPy-only and nothing here imports Prefect.
-``pipeline.train(dataset, config)`` trains, ``pipeline.tune(dataset, TuneConfig(...))`` cross-validates; the ingest function is ``pipeline.ingest.ingest``.
+``pipeline.train(dataset, config)`` trains, ``pipeline.tune(dataset, TuneConfig(...))`` cross-validates; the
+ingest function is ``pipeline.ingest.ingest``.
 """
 
 from __future__ import annotations

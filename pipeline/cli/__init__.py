@@ -12,7 +12,7 @@ import traceback
 from pipeline.cli._common import add_tls_option, apply_tls_option
 from pipeline.errors import GradpipeError
 
-COMMANDS = ["make_data", "ingest", "train", "evaluate", "predict", "export", "runs", "run", "stack"]
+COMMANDS = ["make_data", "ingest", "train", "tune", "evaluate", "predict", "export", "runs", "run", "stack"]
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ _STORAGE_HINTS = {
     errno.ENAMETOOLONG: "use a shorter path",
 }
 # The option naming where each command writes: the setting to change after a storage failure.
-_OUTPUT_OPTION = {"ingest": "dataset", "train": "runs_dir", "run": "runs_dir", "make_data": "out",
+_OUTPUT_OPTION = {"ingest": "dataset", "train": "runs_dir", "tune": "tunes_dir", "run": "runs_dir", "make_data": "out",
                   "predict": "out", "export": "out"}
 _CONSEQUENCE = {
     "ingest": "nothing was committed (an existing dataset is unchanged)",
