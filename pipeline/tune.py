@@ -390,14 +390,14 @@ class LearningRates(_Tuner):
     def step(self) -> dict[str, np.ndarray]:
         st = {k: v.copy() for k, v in self.state.items()}
         active = np.argwhere(st["status"] == ACTIVE)
-        pen, scale = self.problem.penalty, self.problem.scale
-        trials = np.stack([pen.prox(st["theta"][g, k] - self.cfg.lr_grid[g] * st["grad"][g, k],
-                                    self.cfg.lr_grid[g], scale) for g, k in active])
+        # the gradient holds the smooth (λ₂) part; the prox only the L1 part, as --solver gd
+        l1, scale = ElasticNet(self.problem.penalty.l1), self.problem.scale
+        trials = np.stack([l1.prox(st["theta"][g, k] - self.cfg.lr_grid[g] * st["grad"][g, k],
+                                   self.cfg.lr_grid[g], scale) for g, k in active])
         at = folds.fold_layout(self.p, gram=False)
         out = self._pass(trials, active[:, 1], gram=False)
         for row, (g, k), trial in zip(out, active, trials, strict=True):
             F, grad = self.problem.finish(row[at["loss"]][0], row[at["grad"]], st["fold_n"][k, 0], trial)
-            F += pen.l1_value(trial, scale)
             if not math.isfinite(F) or F > 1e8 * max(abs(st["loss0"][g, k]), 1e-12):
                 st["status"][g, k] = DIVERGED
                 continue
