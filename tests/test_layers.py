@@ -23,7 +23,7 @@ def test_the_library_never_imports_prefect():
 
 
 def test_chunk_math_imports_numpy_only():
-    loaded = imported_after(["pipeline.losses", "pipeline.optim", "pipeline.stats"])
+    loaded = imported_after(["pipeline.losses", "pipeline.folds", "pipeline.path", "pipeline.optim", "pipeline.stats"])
     assert not loaded & {"dask", "distributed", "zarr", "prefect", "pyarrow"}
 
 
