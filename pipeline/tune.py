@@ -421,11 +421,20 @@ def _check_folds(held_out: Any, cfg: TuneConfig) -> None:
         raise GradpipeError(f"--cv {cfg.cv}: fold {empty[0]} holds no rows (with weight > 0); use fewer folds.")
 
 
+MAX_GRAM_BYTES = 2 * 2**30  # the Grams of one Newton tuning pass, summed on a worker and sent to the driver
+
+
 def _tuner(cfg: TuneConfig, problem: Problem, obj: ClusterObjective) -> _Tuner:
     if cfg.lr_grid is not None:
         return LearningRates(cfg, problem, obj)
     if problem.family.supports_exact:
         return LinearPath(cfg, problem, obj)
+    models = cfg.cv * len(cfg.l1_ratios) * (len(cfg.alpha_grid) if cfg.alpha_grid else cfg.n_alphas)
+    need = 8 * models * problem.n_params ** 2
+    if need > MAX_GRAM_BYTES:
+        raise GradpipeError(f"a {problem.family.name} tune of {models} models (folds × l1 ratios × α) with "
+                            f"{problem.n_params - 1} features needs {need / 2**30:.1f} GiB of Grams per pass; use "
+                            f"fewer --alphas, --l1-ratio values or folds (at most {MAX_GRAM_BYTES / 2**30:g} GiB).")
     return NewtonPath(cfg, problem, obj)
 
 

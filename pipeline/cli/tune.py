@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, PERSIST
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data_checks import check_magnitudes, check_target_domain
     from pipeline.errors import GradpipeError
     from pipeline.store.dataset import read_info
-    from pipeline.tune import resume_tune, tune
+    from pipeline.tune import new_tune_id, resume_tune, tune
 
     if bool(args.resume) == bool(args.dataset):
         raise GradpipeError("give either --dataset (a new tune) or --resume TUNE_ID (continue a tune).")
@@ -83,12 +84,19 @@ def run(args: argparse.Namespace) -> int:
         info = read_info(args.dataset)  # a wrong dataset or target fails before a cluster starts
         check_magnitudes(info)
         check_target_domain(info, config.train_config().family)
-    with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
-        if args.resume:
-            result = resume_tune(args.resume, tunes_dir=args.tunes_dir, runs_dir=args.runs_dir, client=client)
-        else:
-            result = tune(args.dataset, config, client=client, runs_dir=args.runs_dir, tunes_dir=args.tunes_dir,
-                          tune_id=args.tune_id)
+    tune_id = args.resume or args.tune_id or new_tune_id(args.dataset)
+    try:
+        with dask_client(args.scheduler, args.workers, announce=not args.json) as client:
+            if args.resume:
+                result = resume_tune(tune_id, tunes_dir=args.tunes_dir, runs_dir=args.runs_dir, client=client)
+            else:
+                result = tune(args.dataset, config, client=client, runs_dir=args.runs_dir,
+                              tunes_dir=args.tunes_dir, tune_id=tune_id)
+    except KeyboardInterrupt:
+        if (Path(args.tunes_dir) / f"{tune_id}.zarr").exists():
+            print(f"tune {tune_id} interrupted; its committed iterations are kept. Resume with: gradpipe tune "
+                  f"--resume {tune_id} --tunes-dir {args.tunes_dir} --runs-dir {args.runs_dir}", file=sys.stderr)
+        raise
     if args.json:
         from pipeline.cli._common import json_safe
 
