@@ -429,12 +429,6 @@ def _tuner(cfg: TuneConfig, problem: Problem, obj: ClusterObjective) -> _Tuner:
         return LearningRates(cfg, problem, obj)
     if problem.family.supports_exact:
         return LinearPath(cfg, problem, obj)
-    models = cfg.cv * len(cfg.l1_ratios) * (len(cfg.alpha_grid) if cfg.alpha_grid else cfg.n_alphas)
-    need = 8 * models * problem.n_params ** 2
-    if need > MAX_GRAM_BYTES:
-        raise GradpipeError(f"a {problem.family.name} tune of {models} models (folds × l1 ratios × α) with "
-                            f"{problem.n_params - 1} features needs {need / 2**30:.1f} GiB of Grams per pass; use "
-                            f"fewer --alphas, --l1-ratio values or folds (at most {MAX_GRAM_BYTES / 2**30:g} GiB).")
     return NewtonPath(cfg, problem, obj)
 
 
@@ -486,6 +480,15 @@ def _check_dataset(ds, cfg: TuneConfig) -> None:
         raise GradpipeError("gradpipe tune does not support a dataset with an offset column yet; tune without "
                             "it, or train at chosen settings with `gradpipe train --alpha …`.")
     check_magnitudes(ds)
+    family = cfg.train_config().family
+    if cfg.lr_grid is None and not family.supports_exact:
+        models = cfg.cv * len(cfg.l1_ratios) * (len(cfg.alpha_grid) if cfg.alpha_grid else cfg.n_alphas)
+        need = 8 * models * (ds.n_features + 1) ** 2
+        if need > MAX_GRAM_BYTES:
+            raise GradpipeError(f"a {family.name} tune of {models} models (folds × l1 ratios × α) with "
+                                f"{ds.n_features} features needs {need / 2**30:.1f} GiB of Grams per pass; use "
+                                f"fewer --alphas, --l1-ratio values or folds (at most {MAX_GRAM_BYTES / 2**30:g} "
+                                f"GiB).")
 
 
 def _run(client, ds, cfg: TuneConfig, store: TuneStore, runs_dir: str | Path, fresh: bool) -> TuneResult:
