@@ -298,3 +298,29 @@ def test_resume_of_a_finished_tune_repeats_its_result(linear_data, tmp_path):
     again = resume_tune(first.tune_id, tunes_dir=tmp_path / "tunes", runs_dir=tmp_path / "runs", client="inprocess")
     assert np.array_equal(first.deviance, again.deviance) and again.alpha == first.alpha
     assert again.refit.run_id == first.refit.run_id and np.array_equal(again.refit.coef, first.refit.coef)
+
+
+def test_sample_weights_match_scikit_learn_weighted_cv(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 5))
+    y = X @ [1, -1, 0, 0.3, 0] + rng.normal(size=2000)
+    w = rng.uniform(0.2, 3, 2000)
+    path = tmp_path / "w.zarr"
+    write_dataset(path, X, y, "inprocess", chunk_rows=500, w=w)
+    res = run_tune(path, tmp_path, n_alphas=20)
+    sk = ElasticNetCV(l1_ratio=1.0, alphas=res.alphas[0], cv=splits(2000), tol=1e-12, max_iter=100_000)
+    sk.fit(X, y, sample_weight=w)
+    # scikit-learn weighs both the training loss and the held-out MSE by w, as we do; same tolerance argument
+    # as the unweighted test
+    assert sk.alpha_ == res.alpha
+    assert np.max(np.abs(sk.mse_path_ - res.deviance[0])) < 1e-9
+    np.testing.assert_allclose(res.refit.coef, sk.coef_, atol=1e-6)
+
+
+def test_a_newton_tune_too_wide_for_memory_is_refused_before_anything_is_written(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wide.zarr"
+    write_dataset(path, rng.normal(size=(40, 800)), (rng.random(40) < 0.5).astype(float), "inprocess")
+    with pytest.raises(GradpipeError, match="GiB of Grams per pass; use fewer --alphas"):
+        run_tune(path, tmp_path, model="logistic")  # 500 models × 801² floats = 2.6 GB per pass
+    assert not (tmp_path / "tunes").exists()
