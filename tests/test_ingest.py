@@ -267,3 +267,16 @@ def test_columns_are_matched_by_name_not_position(tmp_path, client):
            features=["x0", "x1"])
     ds = open_dataset(tmp_path / "ds.zarr")
     assert np.array_equal(ds.X.compute(), X) and np.array_equal(ds.y.compute(), y)
+
+
+def test_a_chunk_of_zero_targets_is_stored_not_skipped(tmp_path, client):
+    """Zarr leaves out a chunk equal to its fill value (0); an all-zero y chunk (a logistic chunk of negatives,
+    zero counts) must still be written, or the store reads as damaged."""
+    X, _ = make_xy(600, 3)
+    y = np.zeros(600)
+    y[500:] = 1.0
+    write_csv(tmp_path / "z.csv", X, y)
+    ingest([str(tmp_path / "z.csv")], tmp_path / "ds.zarr", "y", client, chunk_mb=0.004)
+    ds = open_dataset(tmp_path / "ds.zarr")
+    assert ds.chunk_rows < 500  # the first chunks hold only zeros
+    np.testing.assert_array_equal(ds.y.compute(), y)

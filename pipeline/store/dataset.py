@@ -173,7 +173,15 @@ def write_chunk(path: str, index: int, chunk_rows: int, X: np.ndarray, y: np.nda
     ``w``/``offset`` must be given exactly when the dataset has those arrays: a chunk written without them
     would read back as zero weights or offsets.
     """
-    group = zarr.open_group(path, mode="r+")
+    # Zarr skips a chunk equal to the fill value (0): an all-zero y chunk (a logistic chunk of negatives, a
+    # Poisson chunk of zero counts, a zero offset) would be missing, and the store refused as damaged.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group = zarr.open_group(path, mode="r+")
+        return _write_rows(group, index, chunk_rows, X, y, w, offset)
+
+
+def _write_rows(group, index: int, chunk_rows: int, X: np.ndarray, y: np.ndarray, w: np.ndarray | None,
+                offset: np.ndarray | None) -> int:
     start = index * chunk_rows
     if len(X) > chunk_rows or start + len(X) > group["X"].shape[0]:
         # Zarr would silently drop rows past the end of the array; never let a bad size estimate lose data.
