@@ -117,7 +117,7 @@ def test_linear_path_matches_scikit_learn_elasticnetcv(linear_data, tmp_path, l1
     # the refit is a normal run at the chosen α (scikit-learn's refit on all rows)
     np.testing.assert_allclose(res.refit.coef, sk.coef_, atol=1e-6)
     store = RunStore.open(res.refit.run_uri)
-    assert store.attrs["tuning"]["alpha"] == res.alpha and store.attrs["tuning"]["tune_id"] == res.tune_id
+    assert store.tuning["alpha"] == res.alpha and store.tuning["tune_id"] == res.tune_id
 
 
 def test_two_l1_ratios_are_tuned_together(linear_data, tmp_path):
@@ -287,6 +287,10 @@ def test_cli_tune_prints_the_choice_and_refit(linear_data, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "passes: 1 (tune) + 1 (refit) = 2" in done.stdout and "→" in done.stdout
+    refit = next((tmp_path / "r").glob("*-refit.zarr"))
+    shown = subprocess.run([sys.executable, "-m", "pipeline", "runs", "show", str(refit)], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "tuned      by tune" in shown.stdout and "(5 folds, min rule)" in shown.stdout
     bad = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--resume", "nope", "--tunes-dir",
                           str(tmp_path / "t")], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "does not exist" in bad.stderr

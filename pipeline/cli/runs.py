@@ -115,7 +115,7 @@ def run_show(args: argparse.Namespace) -> int:
                           "config": config, "dataset": {k: getattr(meta, k) for k in ("uri", "fingerprint", "target",
                                                                                        "n_rows", "feature_names")},
                           "coef": coef, "intercept": intercept, "warnings": store.warnings,
-                          "damage": damage and damage[0],
+                          "damage": damage and damage[0], "tuning": store.tuning,
                           "inference": json_safe(store.inference), "history": history}))
         return 0
     print(f"run {info['run_id']}  ({path})")
@@ -124,6 +124,11 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"  model      {config.get('model')}  solver {store.solver}  lr {config.get('lr')}  "
           f"l2 {config.get('l2')}  max_iter {config.get('max_iter')}  standardize {config.get('standardize')}")
     print(f"  dataset    {meta.uri}  ({meta.n_rows} rows, target {meta.target!r}, fingerprint {meta.fingerprint})")
+    if store.tuning:
+        tu = store.tuning
+        chosen = (f"lr {tu['lr']:g}" if tu["kind"] == "lr" else f"alpha {tu['alpha']:.6g} l1_ratio {tu['l1_ratio']:g}")
+        print(f"  tuned      by tune {tu['tune_id']} ({tu['cv']} folds, {tu['select']} rule): {chosen}, held-out "
+              f"deviance {tu['mean_deviance']:.6g} ± {tu['se']:.3g}")
     for w in store.warnings:
         print(f"  warning    {w}")
     if damage:

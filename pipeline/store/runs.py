@@ -369,6 +369,11 @@ class RunStore:
             zarr.open_group(str(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
         return path
 
+    @property
+    def tuning(self) -> dict[str, Any] | None:
+        """The record of the tune whose refit this run is (``gradpipe tune``), else None."""
+        return self._attrs.get("tuning")
+
     def annotate(self, **values: Any) -> None:
         """Record extra facts about the run (warm start source, publish decision) in its attrs."""
         self._update_attrs(**values)
