@@ -26,7 +26,10 @@ from pipeline.report import loss_curve_data_uri, markdown, write_loss_curve
 from pipeline.settings import Settings
 from pipeline.store.dataset import read_info
 from pipeline.store.runs import RunStore
+from pipeline.store.tunes import TuneStore
 from pipeline.training import resume, train
+from pipeline.tune import TuneConfig, resume_tune, tune
+from pipeline.tune_report import tune_markdown, write_cv_curve
 
 # Called as hook(attempt, iteration, record) after every training iteration: monitoring, or fault
 # injection in tests (an exception fails the attempt; the retry resumes from the committed iteration).
@@ -89,6 +92,49 @@ def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[s
     for w in result.warnings:  # NOT CONVERGED and the solvers' warnings, in the flow run's log
         log.warning("%s", w)
     return result.to_json()
+
+
+def tune_config(s: Settings) -> TuneConfig:
+    """The tune the settings ask for: the α path of the training model, ``tune_cv`` folds (seeded by the
+    training ``seed``), ``tune_alphas`` values, rule ``tune_select``; the l1 ratio is the training one (lasso
+    when it is unset)."""
+    t = s.train
+    return TuneConfig(model=t.model, power=t.power, cv=s.tune_cv, n_alphas=s.tune_alphas,
+                      l1_ratios=[1.0 if t.l1_ratio is None else float(t.l1_ratio)], select=s.tune_select,
+                      seed=t.seed, standardize=t.standardize, fan_in=t.fan_in, persist=t.persist, refit=True)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def tune_task(settings: dict[str, Any], address: str, tune_id: str) -> dict[str, Any]:
+    """Cross-validate the penalty path on the settings' dataset, refit at the choice (a normal run in the runs
+    dir: the flow's trained run), and leave a markdown artifact with the CV curve and table. On a retry after
+    a failure, the same tune resumes from its last committed outer iteration (and its refit)."""
+    s = Settings.from_dict(settings)
+    log = get_run_logger()
+    path = s.tunes_dir / f"{tune_id}.zarr"
+    with dask_client(address, announce=False) as client:
+        if path.exists() and TuneStore.open(path).committed >= 0:
+            log.info("attempt %d: resuming tune %s", task_run.run_count, tune_id)
+            result = resume_tune(tune_id, tunes_dir=s.tunes_dir, runs_dir=s.runs_dir, client=client)
+        else:
+            shutil.rmtree(path, ignore_errors=True)  # a tune that never committed an iteration holds nothing
+            result = tune(s.dataset, tune_config(s), client=client, runs_dir=s.runs_dir, tunes_dir=s.tunes_dir,
+                          tune_id=tune_id)
+    refit = result.refit
+    chosen = f"lr {result.lr:.6g}" if result.kind == "lr" else f"alpha {result.alpha:.6g} l1_ratio {result.l1_ratio:g}"
+    log.info("tune %s: %s by %s over %d folds, %g passes (%g with the refit); refit run %s %s", tune_id, chosen,
+             result.select, result.n_folds, result.passes, result.total_passes, refit.run_id, refit.status)
+    for w in [*result.warnings, *refit.warnings]:
+        log.warning("%s", w)
+    png = write_cv_curve(result, model=s.train.model)
+    text = (tune_markdown(result, model=s.train.model)
+            + f"\n\n## CV curve\n\n![CV curve]({loss_curve_data_uri(png)})\n\n(also saved as `{png}`)\n")
+    create_markdown_artifact(key=f"gradpipe-tune-{_slug(s.name)}", markdown=text, description=f"tune {tune_id}")
+    return {"tune_id": result.tune_id, "tune_uri": result.tune_uri, "kind": result.kind, "select": result.select,
+            "cv": result.n_folds, "alpha": result.alpha, "l1_ratio": result.l1_ratio, "lr": result.lr,
+            "mean_deviance": float(result.mean[tuple(result.best)]), "se": float(result.se[tuple(result.best)]),
+            "passes": result.passes, "total_passes": result.total_passes, "run_id": refit.run_id,
+            "run_uri": refit.run_uri, "png": str(png), "warnings": list(result.warnings), "refit": refit.to_json()}
 
 
 @task(cache_policy=NO_CACHE)

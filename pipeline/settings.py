@@ -37,6 +37,10 @@ class Settings:
     tls_ca: str = ""  # PEM paths: the cluster's CA, this side's certificate and private key
     tls_cert: str = ""
     tls_key: str = ""
+    tune: bool = False  # pipeline_flow: cross-validate the penalty (tune_flow), whose refit is the trained run
+    tune_cv: int = 5  # folds
+    tune_alphas: int = 100  # α values on the path
+    tune_select: str = "min"  # min | 1se
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -46,6 +50,10 @@ class Settings:
     @property
     def runs_dir(self) -> Path:
         return Path(self.data_dir) / "runs"
+
+    @property
+    def tunes_dir(self) -> Path:
+        return Path(self.data_dir) / "tunes"
 
     @property
     def models_dir(self) -> Path:
@@ -69,7 +77,18 @@ class Settings:
             data["raw"] = [raw]
         settings = cls(**data, train=train)
         settings.train.validate()
+        settings._validate_tune()
         return settings
+
+    def _validate_tune(self) -> None:
+        from pipeline.path import SELECT
+
+        if self.tune_select not in SELECT:
+            raise GradpipeError(f"tune_select: choose one of {', '.join(SELECT)}, not {self.tune_select!r}.")
+        if self.tune_cv < 2:
+            raise GradpipeError(f"tune_cv: needs at least 2 folds, not {self.tune_cv}.")
+        if self.tune_alphas < 1:
+            raise GradpipeError(f"tune_alphas: needs at least 1 value, not {self.tune_alphas}.")
 
     def absolute(self) -> Settings:
         """Resolve every path against the current directory (see the module docstring)."""
