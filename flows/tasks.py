@@ -126,8 +126,8 @@ def tune_task(settings: dict[str, Any], address: str, tune_id: str) -> dict[str,
              result.select, result.n_folds, result.passes, result.total_passes, refit.run_id, refit.status)
     for w in [*result.warnings, *refit.warnings]:
         log.warning("%s", w)
-    png = write_cv_curve(result, model=s.train.model)
-    text = (tune_markdown(result, model=s.train.model)
+    png = write_cv_curve(result)
+    text = (tune_markdown(result)
             + f"\n\n## CV curve\n\n![CV curve]({loss_curve_data_uri(png)})\n\n(also saved as `{png}`)\n")
     create_markdown_artifact(key=f"gradpipe-tune-{_slug(s.name)}", markdown=text, description=f"tune {tune_id}")
     return {"tune_id": result.tune_id, "tune_uri": result.tune_uri, "kind": result.kind, "select": result.select,

@@ -83,4 +83,5 @@ def select(mean: np.ndarray, se: np.ndarray, alphas: np.ndarray, rule: str) -> t
 def fold_summary(deviance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard error over the last axis (the folds)."""
     k = deviance.shape[-1]
-    return deviance.mean(axis=-1), deviance.std(axis=-1, ddof=1) / np.sqrt(k)
+    with np.errstate(invalid="ignore"):  # a diverged candidate (∞ in a fold): mean ∞, standard error NaN
+        return deviance.mean(axis=-1), deviance.std(axis=-1, ddof=1) / np.sqrt(k)

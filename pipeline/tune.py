@@ -137,6 +137,7 @@ class TuneResult:
     status: str
     message: str
     kind: str  # "alpha" (the penalty path) or "lr" (learning rates)
+    model: str
     select: str  # the rule: min or 1se
     n_folds: int
     l1_ratios: list[float]
@@ -172,9 +173,9 @@ class TuneResult:
         return rows
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("tune_id", "tune_uri", "status", "message", "kind", "select", "n_folds",
-                                              "l1_ratios", "lr_grid", "alpha", "l1_ratio", "lr", "passes",
-                                              "seconds", "warnings", "feature_names")}
+        out = {k: getattr(self, k) for k in ("tune_id", "tune_uri", "status", "message", "kind", "model", "select",
+                                              "n_folds", "l1_ratios", "lr_grid", "alpha", "l1_ratio", "lr",
+                                              "passes", "seconds", "warnings", "feature_names")}
         out.update(best=list(self.best), total_passes=self.total_passes, alphas=self.alphas.tolist(),
                    mean=self.mean.tolist(), se=self.se.tolist(), deviance=self.deviance.tolist(),
                    refit=None if self.refit is None else self.refit.to_json())
@@ -555,9 +556,9 @@ def _result(tuner: _Tuner, cfg: TuneConfig, store: TuneStore, problem: Problem, 
     intercepts = thetas[..., -1] - coefs @ problem.mean
     status_word = "done" if not (status == ACTIVE).any() else "max_iter"
     result = TuneResult(tune_id=store.tune_id, tune_uri=str(store.path.absolute()), status=status_word,
-                        message=f"{tuner.kind} chosen by {cfg.select}", kind=tuner.kind, select=cfg.select,
-                        n_folds=cfg.cv,
-                        l1_ratios=cfg.l1_ratios, alphas=alphas, lr_grid=cfg.lr_grid, deviance=dev, mean=mean, se=se,
+                        message=f"{tuner.kind} chosen by {cfg.select}", kind=tuner.kind, model=cfg.model,
+                        select=cfg.select, n_folds=cfg.cv, l1_ratios=cfg.l1_ratios, alphas=alphas,
+                        lr_grid=cfg.lr_grid, deviance=dev, mean=mean, se=se,
                         best=best, alpha=alpha, l1_ratio=l1_ratio, lr=lr, coef_path=coefs, intercept_path=intercepts,
                         feature_names=names, passes=passes, warnings=warnings)
     store.set_status(status_word, result.message, result={k: v for k, v in result.to_json().items()

@@ -19,28 +19,18 @@ CV_CURVE_FILE = "cv_curve.png"
 REPORT_GROUP = "report"  # as in the run store: a Zarr subgroup, so the file is not a stray member of the store
 
 
-def _model(result: Any, model: str | None) -> str:
-    if model:
-        return model
-    if result.refit is not None:
-        return str(result.refit.model)
-    from pipeline.store.tunes import TuneStore
-
-    return str(TuneStore.open(result.tune_uri).config.get("model", "?"))
-
-
 def _finite(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def cv_curve_title(result: Any, model: str | None = None) -> str:
+def cv_curve_title(result: Any) -> str:
     chosen = (f"lr = {result.lr:.4g}" if result.kind == "lr"
               else f"α = {result.alpha:.4g}, l1_ratio = {result.l1_ratio:g}")
-    return f"{_model(result, model)} — {result.n_folds}-fold CV — rule {result.select} — {chosen}"
+    return f"{result.model} — {result.n_folds}-fold CV — rule {result.select} — {chosen}"
 
 
-def cv_curve_figure(result: Any, model: str | None = None):
+def cv_curve_figure(result: Any):
     """Mean held-out deviance ± 1 SE per candidate: vs log10 α (one line per l1 ratio), or vs the learning rate
     (log axis) for a learning-rate tune; the chosen candidate is marked (dotted vertical line and a star)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -87,7 +77,7 @@ def cv_curve_figure(result: Any, model: str | None = None):
     if not np.isfinite(mean).any():
         ax.text(0.5, 0.5, "no finite CV deviance to plot", transform=ax.transAxes, ha="center", va="center",
                 color="0.4")
-    fig.suptitle(cv_curve_title(result, model), fontsize=9, y=0.975)
+    fig.suptitle(cv_curve_title(result), fontsize=9, y=0.975)
     return fig
 
 
@@ -101,10 +91,10 @@ def cv_curve_path(tune_uri: str | Path) -> Path:
     return path / CV_CURVE_FILE
 
 
-def write_cv_curve(result: Any, out: str | Path | None = None, model: str | None = None) -> Path:
+def write_cv_curve(result: Any, out: str | Path | None = None) -> Path:
     """Write the CV curve PNG (atomically) at ``out``, by default inside the tune store (:func:`cv_curve_path`)."""
     out = Path(out) if out is not None else cv_curve_path(result.tune_uri)
-    fig = cv_curve_figure(result, model)
+    fig = cv_curve_figure(result)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
@@ -126,7 +116,7 @@ def _fmt(v: float) -> str:
     return f"{v:.6g}" if math.isfinite(v) else str(v)
 
 
-def tune_markdown(result: Any, model: str | None = None) -> str:
+def tune_markdown(result: Any) -> str:
     """A markdown summary: the choice, the passes, and the CV table (sampled for a long α path)."""
     rows = result.table()
     mean = np.where(np.isfinite(result.mean), result.mean, np.inf)
@@ -136,7 +126,7 @@ def tune_markdown(result: Any, model: str | None = None) -> str:
               else f"α = **{result.alpha:.6g}**, l1_ratio = **{result.l1_ratio:g}**")
     refit = result.refit
     lines = [f"# gradpipe tune `{result.tune_id}`", "",
-             f"**{_model(result, model)}**, {result.n_folds}-fold CV, rule **{result.select}**: {chosen} "
+             f"**{result.model}**, {result.n_folds}-fold CV, rule **{result.select}**: {chosen} "
              f"(mean held-out deviance {_fmt(float(result.mean[best]))} ± {_fmt(float(result.se[best]))}).", "",
              f"Passes over the data: {result.passes:g} for the tune, {result.total_passes:g} with the refit.", ""]
     if refit is not None:
