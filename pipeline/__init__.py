@@ -31,6 +31,11 @@ _EXPORTS = {
     "PoissonRegressor": "pipeline.estimators",
     "GammaRegressor": "pipeline.estimators",
     "TweedieRegressor": "pipeline.estimators",
+    "LinearRegressionCV": "pipeline.estimators_cv",
+    "LogisticRegressionCV": "pipeline.estimators_cv",
+    "PoissonRegressorCV": "pipeline.estimators_cv",
+    "GammaRegressorCV": "pipeline.estimators_cv",
+    "TweedieRegressorCV": "pipeline.estimators_cv",
 }
 
 

@@ -285,27 +285,38 @@ class _GradpipeModel(BaseEstimator):
             return shared_client()
         return INPROCESS
 
-    def _fit(self, X, y, config, client, sample_weight=None, offset=None):
-        from pipeline.training import train
+    def _new_id(self) -> str:
+        """A fresh run (or tune) id: the class name, the time, a random suffix."""
+        return f"{type(self).__name__.lower()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-        run_id = f"{type(self).__name__.lower()}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    @contextlib.contextmanager
+    def _stored(self, X, y, client, store_id: str, sample_weight=None, offset=None):
+        """Write X, y into a dataset store and yield ``(dataset, runs_dir, kept)``: in a temporary directory
+        removed on exit (``kept`` False) without ``runs_dir``, else ``runs_dir/datasets/<store_id>.zarr``."""
         tmp = Path(tempfile.mkdtemp(prefix="gradpipe-fit-")) if self.runs_dir is None else None
         runs_dir = tmp / "runs" if tmp is not None else Path(self.runs_dir)
-        data = tmp / "data.zarr" if tmp is not None else runs_dir / "datasets" / f"{run_id}.zarr"
+        data = tmp / "data.zarr" if tmp is not None else runs_dir / "datasets" / f"{store_id}.zarr"
         try:
             data.parent.mkdir(parents=True, exist_ok=True)
             write_dataset(data, X, self._targets(y, client), client, self.chunk_rows, w=sample_weight, offset=offset)
-            result = train(data, config, client=client, runs_dir=runs_dir, run_id=run_id)
+            yield data, runs_dir, tmp is None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fit(self, X, y, config, client, sample_weight=None, offset=None):
+        from pipeline.training import train
+
+        run_id = self._new_id()
+        with self._stored(X, y, client, run_id, sample_weight, offset) as (data, runs_dir, kept):
+            result = train(data, config, client=client, runs_dir=runs_dir, run_id=run_id)
         if result.status == "stopped":  # Ctrl-C: the loop finished its iteration; no half-fitted estimator
             raise KeyboardInterrupt(f"{type(self).__name__}.fit {result.message}")
         self.coef_, self.intercept_ = np.asarray(result.coef), float(result.intercept)
         self.n_iter_, self.loss_history_, self.status_ = result.n_iter, np.asarray(result.loss_history), result.status
         self.solver_, self.passes_, self.run_id_ = result.solver, result.passes, result.run_id
         self._set_inference(result.inference or {})
-        self.run_uri_ = None if tmp is not None else result.run_uri  # a temporary run store is gone
+        self.run_uri_ = result.run_uri if kept else None  # a temporary run store is gone
         self.n_features_in_ = len(self.coef_)
         if result.status == "max_iter":
             warnings.warn(f"{type(self).__name__} stopped at max_iter={self.max_iter} before converging "
