@@ -204,6 +204,7 @@ def run_gradpipe(store: Path, kind: str, client, work: Path) -> dict:
            "total_passes": res.total_passes, "refit_seconds": res.refit.seconds, "alpha": res.alpha,
            "alpha_index": int(res.best[1]), "alphas": res.alphas[0].tolist(), "status": res.status,
            "warnings": res.warnings, "mean_deviance": float(res.mean[res.best]),
+           "cv_mean": res.mean[0].tolist(), "cv_se": res.se[0].tolist(),
            "coef": np.ravel(res.refit.coef).tolist(), "intercept": float(res.refit.intercept),
            "single": {"passes": single.passes, "seconds": single.seconds, "n_iter": single.n_iter,
                       "solver": single.solver, "status": single.status}}
