@@ -277,10 +277,17 @@ class Binomial(Family):
 
     def derivatives(self, z, y):
         with np.errstate(under="ignore"):
-            e = np.exp(-np.abs(z))  # one exp for all three: log1p(e), the sigmoid, its derivative
-            loss = np.maximum(z, 0.0) - y * z + np.log1p(e)
-            p = np.where(z >= 0, 1.0, e) / (1.0 + e)
-            return loss, p - y, e / ((1.0 + e) * (1.0 + e))  # σ(1−σ) = e/(1+e)² for either sign of z
+            e = np.abs(z)
+            np.negative(e, out=e)
+            np.exp(e, out=e)  # one exp for all three: log1p(e), the sigmoid, its derivative
+            d = 1.0 + e
+            loss = np.maximum(z, 0.0)
+            loss -= y * z
+            loss += np.log1p(e)
+            p = np.where(z >= 0, 1.0, e)
+            p /= d
+            p -= y
+            return loss, p, e / (d * d)  # σ(1−σ) = e/(1+e)² for either sign of z (in place: the same bits)
 
     def inverse_link(self, z):
         return expit(z)
