@@ -197,11 +197,36 @@ def _prepare_worker() -> None:
     kernels (and SciPy's LAPACK with them) costs ~0.1 s on a fresh worker: better at setup than in pass 1."""
     import pipeline.losses  # noqa: F401
 
+    _keep_heap()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return
     threadpool_limits(1)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+HEAP_MMAP_BYTES = 64 * 2**20  # kernel temporaries up to this size come from the heap, and are reused
+HEAP_TRIM_BYTES = 256 * 2**20  # freed heap kept before it is given back to the OS
+
+
+def _keep_heap() -> None:
+    """Let a worker reuse the kernels' per-block temporaries instead of mapping fresh pages for each.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap threshold
+    at 128 KiB: every larger temporary (a tuning kernel's rows × models arrays are ~10 MB) is a new mmap whose
+    pages fault in, and is unmapped on free. Measured: the tuning kernel ran 2.3× slower in a worker process
+    than in a thread of the same process (4.3 s vs 1.9 s for 50,000 rows × 500 models); with these thresholds
+    it runs at the thread's speed. A no-op where glibc's ``mallopt`` is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
