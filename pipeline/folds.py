@@ -13,8 +13,8 @@ position in the dataset store (after the rows ingest dropped). Fold sizes are mu
   R factors on the driver, so the whole regularization path of every fold costs this one pass.
 - :func:`chunk_fold_newton`: for M models at once (θ_m fitted on the rows outside fold f_m), each model's
   training loss, gradient (and weighted Gram Σ ℓ''·a aᵀ) and its held-out loss and gradient on fold f_m. The
-  linear predictors of all models are one product ``C·Θᵀ``; the M Grams are one product ``(ℓ''⊙w)ᵀ·(C⊙C)`` of
-  the block's pairwise column products, shared by every model, instead of M separate ``syrk``.
+  linear predictors of a fold's models are one product ``C·Θᵀ``; their Grams are one product ``(ℓ''⊙w)ᵀ·(C⊙C)``
+  of the block's pairwise column products, shared by every model, instead of one ``syrk`` per model.
 """
 
 from __future__ import annotations
@@ -77,12 +77,15 @@ def fold_layout(n_params: int, gram: bool) -> dict[str, slice]:
 
 
 def chunk_fold_newton(X, y, w, offset, start: int, family: str | Family, n_folds: int, seed: int,
-                      thetas: np.ndarray, model_fold: np.ndarray, mean, scale, gram: bool = True) -> np.ndarray:
+                      thetas: np.ndarray, model_fold: np.ndarray, mean, scale, gram: bool = True,
+                      held_grad: bool = False) -> np.ndarray:
     """(M, width) sums for M models (see :func:`fold_layout`): model m's loss, gradient (and weighted Gram) on
-    this leaf's rows outside fold ``model_fold[m]``, and its loss and gradient on the rows inside it.
+    this leaf's rows outside fold ``model_fold[m]``, and its loss on the rows inside it (and their gradient
+    when ``held_grad``: the start pass, whose full-data gradient sets α_max).
 
-    θ are in the standardized space, as everywhere; the arithmetic per block is that of ``chunk_newton``
-    (centred block C = [X − mean, 1], 1/scale applied once at the end)."""
+    θ are in the standardized space, as everywhere; the arithmetic is that of ``chunk_newton`` (centred block
+    C = [X − mean, 1], 1/scale applied once at the end). Each block's rows are ordered by fold, so a model's
+    training rows are the two contiguous pieces around its held-out fold: views, no masks."""
     if offset is not None:
         raise ValueError("tuning does not support an offset column")
     fam = get_family(family)
@@ -93,6 +96,8 @@ def chunk_fold_newton(X, y, w, offset, start: int, family: str | Family, n_folds
     thetas = np.asarray(thetas, dtype=np.float64).reshape(-1, p)
     M = len(thetas)
     model_fold = np.asarray(model_fold)
+    groups = [(k, np.flatnonzero(model_fold == k)) for k in range(n_folds)]
+    groups = [(k, g) for k, g in groups if len(g)]
     folds = fold_ids(start, n, n_folds, seed)
     theta_c = np.concatenate([thetas[:, :d] / s, thetas[:, d:]], axis=1)  # (M, p) in centred coordinates
     iu = np.triu_indices(p)  # the pairs (i, j ≥ i), row by row
@@ -100,41 +105,62 @@ def chunk_fold_newton(X, y, w, offset, start: int, family: str | Family, n_folds
     offs = np.concatenate([[0], np.cumsum(np.arange(p, 0, -1))])
     by_pairs = gram and pairs <= MAX_PAIRS
     block_rows = max(64, PAIR_BLOCK_BYTES // (8 * max(pairs if by_pairs else p, M)))
-    grad, ho_grad = np.zeros((p, M)), np.zeros((p, M))
+    grad, ho_grad = np.zeros((M, p)), np.zeros((M, p))
     loss, n_tr, ho_loss, ho_n = np.zeros(M), np.zeros(M), np.zeros(M), np.zeros(M)
     G = np.zeros((M, pairs)) if by_pairs else np.zeros((M, p, p)) if gram else None
     C = np.empty((min(block_rows, max(n, 1)), p))
     P = np.empty((len(C), pairs)) if by_pairs else None
     for a, b in _blocks(n, block_rows):
+        order = np.argsort(folds[a:b], kind="stable")
+        edges = np.searchsorted(folds[a:b][order], np.arange(n_folds + 1))
         Cb = C[: b - a]
-        np.subtract(X[a:b], m_, out=Cb[:, :d])
+        np.subtract(X[a:b][order], m_, out=Cb[:, :d])
         Cb[:, d] = 1.0
-        yb = np.asarray(y[a:b], dtype=np.float64)[:, None]
-        Z = Cb @ theta_c.T  # (rows, M)
-        with np.errstate(under="ignore"):
-            ell, r, h = fam.derivatives(Z, yb)
-        held = folds[a:b, None] == model_fold[None, :]  # (rows, M): the row is in the model's held-out fold
-        W = np.where(held, 0.0, 1.0) if w is None else np.where(held, 0.0, w[a:b, None])
-        Wh = np.where(held, 1.0, 0.0) if w is None else np.where(held, w[a:b, None], 0.0)
-        loss += np.einsum("ij,ij->j", W, ell)
-        ho_loss += np.einsum("ij,ij->j", Wh, ell)
-        n_tr += W.sum(axis=0)
-        ho_n += Wh.sum(axis=0)
-        grad += Cb.T @ (r * W)
-        ho_grad += Cb.T @ (r * Wh)
+        yb = np.asarray(y[a:b], dtype=np.float64)[order][:, None]
+        wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)[order][:, None]
         if by_pairs:
             Pb = P[: b - a]
             for i in range(p):  # column i times columns i…p−1: contiguous products, no gather
                 np.multiply(Cb[:, i, None], Cb[:, i:], out=Pb[:, offs[i]:offs[i + 1]])
-            G += (h * W).T @ Pb
-        elif gram:
-            hw = h * W
-            for j in range(M):
-                Sc = Cb * np.sqrt(hw[:, j])[:, None]
-                G[j] += Sc.T @ Sc
+        for k, g in groups:
+            lo, hi = int(edges[k]), int(edges[k + 1])
+            Z = Cb @ theta_c[g].T  # (rows, models of fold k)
+            for piece in (slice(0, lo), slice(hi, b - a)):  # the training rows
+                if piece.stop <= piece.start:
+                    continue
+                with np.errstate(under="ignore"):
+                    ell, r, h = fam.derivatives(Z[piece], yb[piece])
+                if wb is not None:
+                    ell *= wb[piece]
+                    r *= wb[piece]
+                    h *= wb[piece]
+                    n_tr[g] += float(wb[piece].sum())
+                else:
+                    n_tr[g] += piece.stop - piece.start
+                loss[g] += ell.sum(axis=0)
+                grad[g] += r.T @ Cb[piece]
+                if by_pairs:
+                    G[g] += h.T @ Pb[piece]
+                elif gram:
+                    for col, j in enumerate(g):
+                        Sc = Cb[piece] * np.sqrt(h[:, col])[:, None]
+                        G[j] += Sc.T @ Sc
+            if hi > lo:  # the held-out rows
+                held = slice(lo, hi)
+                with np.errstate(under="ignore"):
+                    ell = fam.loss(Z[held], yb[held])
+                    r = fam.d1(Z[held], yb[held]) if held_grad else None
+                if wb is not None:
+                    ell *= wb[held]
+                    r = None if r is None else r * wb[held]
+                    ho_n[g] += float(wb[held].sum())
+                else:
+                    ho_n[g] += hi - lo
+                ho_loss[g] += ell.sum(axis=0)
+                if r is not None:
+                    ho_grad[g] += r.T @ Cb[held]
     unscale = np.append(1.0 / s, 1.0)
-    cols = [(grad * unscale[:, None]).T, loss[:, None], n_tr[:, None], (ho_grad * unscale[:, None]).T,
-            ho_loss[:, None], ho_n[:, None]]
+    cols = [grad * unscale, loss[:, None], n_tr[:, None], ho_grad * unscale, ho_loss[:, None], ho_n[:, None]]
     if gram:
         if by_pairs:
             full = np.zeros((M, p, p))

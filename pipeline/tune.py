@@ -203,10 +203,10 @@ class _Tuner:
         return np.stack([path.alpha_grid(path.alpha_max(full_grad, self.problem.scale, r), self.cfg.n_alphas, eps)
                          for r in self.cfg.l1_ratios])
 
-    def _pass(self, thetas: np.ndarray, model_fold: np.ndarray, gram: bool) -> np.ndarray:
+    def _pass(self, thetas: np.ndarray, model_fold: np.ndarray, gram: bool, held_grad: bool = False) -> np.ndarray:
         self.obj.passes += 1
         return self.obj.engine.map_reduce(folds.chunk_fold_newton, self.problem.family, self.K, self.cfg.seed,
-                                          thetas, model_fold, self.problem.mean, self.problem.scale, gram,
+                                          thetas, model_fold, self.problem.mean, self.problem.scale, gram, held_grad,
                                           result_bytes=8 * len(thetas) * self.p * (self.p + 4))
 
     def restore(self, row: dict[str, np.ndarray], resume: dict[str, Any], grid: np.ndarray | None) -> None:
@@ -288,7 +288,7 @@ class NewtonPath(_Tuner):
         theta0 = np.zeros(self.p)
         theta0[-1] = self.problem.family.null_predictor(sum_y / n)
         at = folds.fold_layout(self.p, gram=True)
-        out = self._pass(np.tile(theta0, (self.K, 1)), np.arange(self.K), gram=True)
+        out = self._pass(np.tile(theta0, (self.K, 1)), np.arange(self.K), gram=True, held_grad=True)
         fold_n = np.stack([out[:, at["n"]][:, 0], out[:, at["ho_n"]][:, 0]], axis=1)
         _check_folds(fold_n[:, 1], self.cfg)
         full_grad = (out[0, at["grad"]] + out[0, at["ho_grad"]]) / (fold_n[0].sum())

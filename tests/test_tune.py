@@ -328,3 +328,41 @@ def test_a_newton_tune_too_wide_for_memory_is_refused_before_anything_is_written
     with pytest.raises(GradpipeError, match="GiB of Grams per pass; use fewer --alphas"):
         run_tune(path, tmp_path, model="logistic")  # 500 models × 801² floats = 2.6 GB per pass
     assert not (tmp_path / "tunes").exists()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fold_kernels_against_dense_numpy(weighted):
+    from pipeline.families import get_family
+    from pipeline.folds import chunk_fold_newton, chunk_fold_qr, fold_layout
+
+    rng = np.random.default_rng(5)
+    n, d, start = 5000, 4, 12_345  # the leaf starts inside the dataset: folds are of the global row index
+    X, y = rng.normal(size=(n, d)) * 3 + 1, (rng.random(n) < 0.4).astype(float)
+    w = rng.uniform(0.1, 2, n) if weighted else None
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    thetas = rng.normal(size=(7, d + 1)) * 0.3
+    model_fold = np.array([0, 1, 2, 0, 1, 2, 2])
+    out = chunk_fold_newton(X, y, w, None, start, "logistic", 3, 7, thetas, model_fold, mean, scale, True, True)
+    at = fold_layout(d + 1, gram=True)
+    f = fold_ids(start, n, 3, 7)
+    A = np.column_stack([(X - mean) / scale, np.ones(n)])
+    fam = get_family("logistic")
+    ww = np.ones(n) if w is None else w
+    for m, (theta, k) in enumerate(zip(thetas, model_fold, strict=True)):
+        z = A @ theta
+        p = 1 / (1 + np.exp(-z))
+        tr, ho = f != k, f == k
+        # sums over a few thousand rows in another order: agreement to ~1e-12 relative
+        np.testing.assert_allclose(out[m, at["loss"]][0], ww[tr] @ fam.loss(z[tr], y[tr]), rtol=1e-12)
+        np.testing.assert_allclose(out[m, at["grad"]], A[tr].T @ (ww[tr] * (p[tr] - y[tr])), rtol=1e-10, atol=1e-9)
+        H = (A[tr] * (ww[tr] * p[tr] * (1 - p[tr]))[:, None]).T @ A[tr]
+        np.testing.assert_allclose(out[m, at["gram"]].reshape(d + 1, d + 1), H, rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(out[m, at["ho_loss"]][0], ww[ho] @ fam.loss(z[ho], y[ho]), rtol=1e-12)
+        np.testing.assert_allclose(out[m, at["ho_grad"]], A[ho].T @ (ww[ho] * (p[ho] - y[ho])), rtol=1e-10, atol=1e-9)
+        assert out[m, at["n"]][0] == pytest.approx(ww[tr].sum(), rel=1e-13)
+        assert out[m, at["ho_n"]][0] == pytest.approx(ww[ho].sum(), rel=1e-13)
+    R = chunk_fold_qr(X, y, w, None, start, 3, 7, mean, scale)
+    for k in range(3):
+        B = np.column_stack([np.ones(n), (X - mean) / scale, y])[f == k] * np.sqrt(ww[f == k])[:, None]
+        # R is unique up to the signs of its rows: compare RᵀR with BᵀB
+        np.testing.assert_allclose(R[k].T @ R[k], B.T @ B, rtol=1e-10, atol=1e-8)
