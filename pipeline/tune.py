@@ -454,9 +454,19 @@ def tune(dataset: str | Path, config: TuneConfig | None = None, *, client: Clien
     _check_dataset(ds, cfg)
     tune_id = tune_id or new_tune_id(ds.path)
     target = Path(tunes_dir) / f"{tune_id}.zarr"
+    if target.exists() and _empty(target):
+        log.warning("tune store %s holds no iteration (killed before its first): starting it again", target)
+        shutil.rmtree(target)
     store = TuneStore.create(target, config=cfg.to_json(), version=__version__,
                              dataset={"uri": ds.path, "fingerprint": ds.fingerprint(), "n_rows": ds.n_rows})
     return _run(client, ds, cfg, store, runs_dir, fresh=True)
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return TuneStore.open(path).committed < 0
+    except (GradpipeError, KeyError, ValueError):
+        return not (path / "zarr.json").exists()  # killed while its metadata was being written
 
 
 def resume_tune(tune_id: str, *, tunes_dir: str | Path = "data/tunes", runs_dir: str | Path = "data/runs",
@@ -504,8 +514,8 @@ def _run(client, ds, cfg: TuneConfig, store: TuneStore, runs_dir: str | Path, fr
                                weighted=ds.has_weights, has_offset=ds.has_offset)
         tuner = _tuner(cfg, problem, obj)
         if fresh:
-            check_target(obj, ds)
             try:
+                check_target(obj, ds)
                 row = tuner.start()
             except BaseException:
                 if store.committed < 0:  # nothing to keep: the tune id can start again

@@ -366,3 +366,17 @@ def test_fold_kernels_against_dense_numpy(weighted):
         B = np.column_stack([np.ones(n), (X - mean) / scale, y])[f == k] * np.sqrt(ww[f == k])[:, None]
         # R is unique up to the signs of its rows: compare RᵀR with BᵀB
         np.testing.assert_allclose(R[k].T @ R[k], B.T @ B, rtol=1e-10, atol=1e-8)
+
+
+def test_a_target_outside_the_domain_leaves_no_tune_store_and_the_id_can_start_again(tmp_path):
+    X, y, _ = glm_data(tmp_path, "poisson", n=500)
+    path = tmp_path / "neg.zarr"
+    write_dataset(path, X, y - 5.0, "inprocess")
+    with pytest.raises(GradpipeError, match="y"):
+        tune(path, TuneConfig(model="poisson"), client="inprocess", runs_dir=tmp_path / "r",
+             tunes_dir=tmp_path / "t", tune_id="again")
+    assert not (tmp_path / "t" / "again.zarr").exists()
+    (tmp_path / "t" / "again.zarr").mkdir(parents=True)  # as a kill while creating the store leaves it
+    ok = tune(tmp_path / "poisson.zarr", TuneConfig(model="poisson", n_alphas=5, refit=False), client="inprocess",
+              runs_dir=tmp_path / "r", tunes_dir=tmp_path / "t", tune_id="again")
+    assert ok.tune_id == "again" and ok.status == "done"
