@@ -43,6 +43,7 @@ bench: $(STAMP_DEV)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/solvers.py
+	$(BIN)/python bench/tune.py
 
 clean:
 	rm -rf $(VENV) data/datasets data/runs data/raw data/models
