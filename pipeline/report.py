@@ -116,8 +116,11 @@ def loss_curve_figure(store: RunStore):
 
 def loss_curve_png(store: RunStore, out: Path) -> Path:
     """Write the loss-curve figure as a PNG at ``out`` (atomically: a temporary file renamed over it)."""
-    out = Path(out)
-    fig = loss_curve_figure(store)
+    return save_png(loss_curve_figure(store), Path(out))
+
+
+def save_png(fig, out: Path) -> Path:
+    """Write a figure as a PNG at ``out`` atomically: a temporary file renamed over it."""
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=DPI)

@@ -7,13 +7,12 @@ an artifact, and anything else holding a :class:`pipeline.tune.TuneResult` can c
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.report import DPI, FIGSIZE
+from pipeline.report import DPI, FIGSIZE, save_png
 
 CV_CURVE_FILE = "cv_curve.png"
 REPORT_GROUP = "report"  # as in the run store: a Zarr subgroup, so the file is not a stray member of the store
@@ -93,15 +92,7 @@ def cv_curve_path(tune_uri: str | Path) -> Path:
 
 def write_cv_curve(result: Any, out: str | Path | None = None) -> Path:
     """Write the CV curve PNG (atomically) at ``out``, by default inside the tune store (:func:`cv_curve_path`)."""
-    out = Path(out) if out is not None else cv_curve_path(result.tune_uri)
-    fig = cv_curve_figure(result)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_png(cv_curve_figure(result), Path(out) if out is not None else cv_curve_path(result.tune_uri))
 
 
 def table_indices(n: int, chosen: int, best: int, every: int = 10) -> list[int]:
