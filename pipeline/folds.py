@@ -12,7 +12,7 @@ position in the dataset store (after the rows ingest dropped). Fold sizes are mu
   the tree fold by fold (:func:`fold_qr_combine`): least squares on any union of folds is one small QR of their
   R factors on the driver, so the whole regularization path of every fold costs this one pass.
 - :func:`chunk_fold_newton`: for M models at once (θ_m fitted on the rows outside fold f_m), each model's
-  training loss, gradient (and weighted Gram Σ ℓ''·a aᵀ) and its held-out loss and gradient on fold f_m. The
+  training loss, gradient (and weighted Gram Σ ℓ''·a aᵀ) and its held-out loss on fold f_m. The
   linear predictors of a fold's models are one product ``C·Θᵀ``; their Grams are one product ``(ℓ''⊙w)ᵀ·(C⊙C)``
   of the block's pairwise column products, shared by every model, instead of one ``syrk`` per model.
 """
