@@ -40,7 +40,7 @@ def check_target_domain(info, fam) -> bool:
         return True
     count = fam.y_outside_count(summary)
     if count is None:  # a bound that only min(y) decides: the summary's first such row (older ones: read it)
-        example, row = fam.first_outside(summary) or _first_invalid(open_dataset(info.path), fam)
+        example, row = fam.first_outside(summary) or _first_invalid(open_dataset(info.ref), fam)
         raise _outside_domain(fam, info.target, f"values outside it (e.g. {example:g} in row {row}; "
                                                 f"min {summary.min:g})")
     example = "" if summary.example is None else f" (e.g. {summary.example:g} in row {summary.example_row})"

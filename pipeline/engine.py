@@ -38,6 +38,7 @@ from distributed import Client, Future, get_worker, wait
 
 from pipeline.errors import GradpipeError
 from pipeline.store.dataset import Leaf, read_rows
+from pipeline.store.location import split_snapshot
 
 Node = tuple[int, int]  # (level, index) in the reduction tree; leaves are (0, leaf position)
 Kernel = Callable[..., np.ndarray]  # kernel(X, y, *args) -> array
@@ -265,7 +266,7 @@ class ChunkEngine:
         # task names the dashboard shows: gradpipe-load-<dataset>, gradpipe-pass-<name> (the run id). The
         # engine's own token makes every key unique on a shared cluster: a key that another engine still
         # holds (another store of the same name, a run id used in another runs dir) would hand back its data.
-        self.name = Path(str(store).rstrip("/")).name.removesuffix(".zarr")
+        self.name = Path(split_snapshot(str(store))[0].rstrip("/")).name.removesuffix(".zarr")
         self._token = uuid.uuid4().hex[:12]
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
         if not workers:

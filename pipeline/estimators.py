@@ -86,19 +86,21 @@ def _is_dask(*arrays) -> bool:
     return da is not None and any(isinstance(a, da.Array) for a in arrays)
 
 
-def _write_block(path: str, index: int, chunk_rows: int, X, y, w=None, offset=None) -> tuple[FeatureStats, int]:
+def _write_block(fork, index: int, chunk_rows: int, X, y, w=None, offset=None) -> tuple[FeatureStats, int, object]:
+    """Write one row chunk into a dataset transaction's fork; returns its stats, its invalid-value count and
+    the fork (for the driver to merge)."""
     from pipeline.store.dataset import write_chunk
 
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
     w = None if w is None else np.asarray(w, dtype=np.float64)
     offset = None if offset is None else np.asarray(offset, dtype=np.float64)
-    write_chunk(path, index, chunk_rows, X, y, w, offset)
+    fork = write_chunk(fork, index, chunk_rows, X, y, w, offset)
     bad = np.count_nonzero(~np.isfinite(y))
     if w is not None:
         bad += np.count_nonzero(~np.isfinite(w) | (w < 0))
     if offset is not None:
         bad += np.count_nonzero(~np.isfinite(offset))
-    return FeatureStats.of(X, w), int(bad)
+    return FeatureStats.of(X, w), int(bad), fork
 
 
 def _default_chunk_rows(n: int, d: int) -> int:
@@ -129,7 +131,7 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
                   feature_names: list[str] | None = None, target: str = "y", w=None, offset=None) -> None:
     """Store X (n, d), y (n,) and optionally sample weights ``w`` and an ``offset`` (n,) as a gradpipe dataset;
     Dask inputs are rechunked and written blockwise."""
-    from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
+    from pipeline.store.dataset import Transaction
 
     is_dask = _is_dask(X, y, w, offset)
     if is_dask:
@@ -148,7 +150,20 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
     rows = chunk_rows or _default_chunk_rows(n, d)
     w = _vector(w, n, "sample_weight", rows if is_dask else None)
     offset = _vector(offset, n, "offset", rows if is_dask else None)
-    create_arrays(path, n, d, rows, "float64", "none", weights=w is not None, offset=offset is not None)
+    tx = Transaction(path)
+    try:
+        _write_arrays(tx, X, y, w, offset, rows, is_dask, client, feature_names, target)
+    finally:
+        tx.abandon()
+
+
+def _write_arrays(tx, X, y, w, offset, rows: int, is_dask: bool, client, feature_names: list[str] | None,
+                  target: str) -> None:
+    from pipeline.store.dataset import DatasetInfo, commit_info, create_arrays
+
+    n, d = int(X.shape[0]), int(X.shape[1])
+    create_arrays(tx.store, n, d, rows, "float64", "none", weights=w is not None, offset=offset is not None)
+    fork = tx.fork()
     n_chunks = -(-n // rows)
     if is_dask:
         import dask
@@ -158,27 +173,30 @@ def write_dataset(path: Path, X, y, client, chunk_rows: int | None = None,
         xs, ys = X.to_delayed().ravel(), y.to_delayed().ravel()
         ws = [None] * len(xs) if w is None else w.to_delayed().ravel()
         offs = [None] * len(xs) if offset is None else offset.to_delayed().ravel()
-        parts = [dask.delayed(_write_block)(str(path), i, rows, xb, yb, wb, ob)
+        parts = [dask.delayed(_write_block)(fork, i, rows, xb, yb, wb, ob)
                  for i, (xb, yb, wb, ob) in enumerate(zip(xs, ys, ws, offs, strict=True))]
         results = client.gather(client.compute(parts))
     else:
         def part(v, i):
             return None if v is None else v[i * rows:(i + 1) * rows]
-        results = [_write_block(str(path), i, rows, part(X, i), part(y, i), part(w, i), part(offset, i))
+        results = [_write_block(fork, i, rows, part(X, i), part(y, i), part(w, i), part(offset, i))
                    for i in range(n_chunks)]
+        results = results[:1] + [(s, b, None) for s, b, _ in results[1:]]  # one in-process fork, merged once
     stats = FeatureStats.empty(d, weighted=w is not None)
-    for s, _ in results:
+    for s, _, _ in results:
         stats = stats.merge(s)
-    if not (np.all(np.isfinite(stats.min)) and np.all(np.isfinite(stats.max))) or sum(b for _, b in results):
+    if not (np.all(np.isfinite(stats.min)) and np.all(np.isfinite(stats.max))) or sum(b for _, b, _ in results):
         raise ValueError("X, y, sample_weight and offset must be finite (no NaN or infinity), weights ≥ 0")
     if w is not None and not stats.weight_sum > 0:
         raise ValueError("sample_weight: at least one weight must be > 0")
+    tx.merge([f for _, _, f in results if f is not None])
     token = uuid.uuid4().hex  # in-memory input has no file hash: a fresh token per store
-    info = DatasetInfo(path=str(path), feature_names=feature_names or [f"x{i}" for i in range(d)], target=target,
+    info = DatasetInfo(path=tx.uri, feature_names=feature_names or [f"x{i}" for i in range(d)], target=target,
                        n_rows=n, chunk_rows=rows, dtype="float64", stats=stats,
                        manifest=[{"path": "<array>", "sha256": token, "rows": n, "row_start": 0, "row_stop": n}],
                        weight=None if w is None else "sample_weight", offset=None if offset is None else "offset")
-    commit_info(path, info)
+    commit_info(tx.store, info)
+    tx.commit(f"arrays: {n:,} rows × {d} features", {"gradpipe": "arrays", "n_rows": n})
 
 
 INPROCESS_MAX_BYTES = 2**30  # X up to 1 GiB runs in-process (the leaves are held in memory once more)

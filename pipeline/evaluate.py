@@ -94,7 +94,7 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
                             f"{ds.path} lacks; ingest it with --offset {meta.offset}.")
     theta = np.asarray(store.row("theta", t), dtype=np.float64)
     mean, scale = meta.arrays()
-    engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
+    engine = ChunkEngine(client, store=ds.ref, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
                          itemsize=np.dtype(ds.dtype).itemsize, persist="auto", fan_in=fan_in)
     try:
         bad, n, sum_y = engine.map_reduce(invalid_targets, family)

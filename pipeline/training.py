@@ -125,12 +125,12 @@ def _engine(client: Client | str, ds, config: TrainConfig) -> ChunkEngine:
     if client == INPROCESS:  # same leaves, kernels and tree: the same bits as on a cluster
         from pipeline.inprocess import InProcessEngine
 
-        return InProcessEngine(store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows,  # type: ignore[return-value]
+        return InProcessEngine(store=ds.ref, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows,  # type: ignore[return-value]
                                n_features=ds.n_features, itemsize=np.dtype(ds.dtype).itemsize, fan_in=config.fan_in)
     from pipeline.cluster import tune_latency
 
     tune_latency(client)
-    return ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
+    return ChunkEngine(client, store=ds.ref, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=ds.n_features,
                        itemsize=np.dtype(ds.dtype).itemsize, persist=config.persist, fan_in=config.fan_in)
 
 
@@ -162,7 +162,8 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                 ours = not begin.path.exists()  # never remove a store this call did not create
                 try:
                     store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name,
-                                            dataset=DatasetRef(uri=ds.path, fingerprint=ds.fingerprint(),
+                                            dataset=DatasetRef(uri=ds.path, snapshot=ds.snapshot,
+                                                               fingerprint=ds.fingerprint(),
                                                                feature_names=ds.feature_names, target=ds.target,
                                                                n_rows=ds.n_rows, mean=mean, scale=scale,
                                                                weight=ds.weight, offset=ds.offset),
@@ -274,10 +275,19 @@ def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[Ru
     """The run store and its dataset, or the reason the run cannot continue (checked before any cluster)."""
     store = RunStore.open(Path(runs_dir) / f"{run_id}.zarr", mode="r+")
     meta = store.dataset
-    ds = open_dataset(meta.uri)
-    if ds.fingerprint() != meta.fingerprint:
-        raise GradpipeError(f"dataset {meta.uri} changed since run {run_id} started (rows were added or "
-                            f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta.uri}`.")
+    if meta.snapshot:
+        # The run reads exactly the version it started on, whatever was ingested or rolled back since.
+        try:
+            ds = open_dataset(f"{meta.uri}@{meta.snapshot}")
+        except GradpipeError as exc:
+            raise GradpipeError(f"run {run_id} trained on snapshot {meta.snapshot} of dataset {meta.uri}, which is "
+                                f"not readable now ({exc}); restore it, or start a new run with `gradpipe train "
+                                f"--dataset {meta.uri}`.") from None
+    else:  # a run from before snapshots: the rows must be the ones it started on
+        ds = open_dataset(meta.uri)
+        if ds.fingerprint() != meta.fingerprint:
+            raise GradpipeError(f"dataset {meta.uri} changed since run {run_id} started (rows were added or "
+                                f"replaced); start a new run, e.g. with `gradpipe train --dataset {meta.uri}`.")
     from pipeline.store.runs import run_lock
 
     with run_lock(store.path):  # refused here, before a cluster starts, if another process trains it

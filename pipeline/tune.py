@@ -190,7 +190,8 @@ def tune(dataset: str | Path, config: TuneConfig | None = None, *, client: Clien
         log.warning("tune store %s holds no iteration (killed before its first): starting it again", target)
         shutil.rmtree(target)
     store = TuneStore.create(target, config=cfg.to_json(), version=__version__,
-                             dataset={"uri": ds.path, "fingerprint": ds.fingerprint(), "n_rows": ds.n_rows})
+                             dataset={"uri": ds.path, "snapshot": ds.snapshot, "fingerprint": ds.fingerprint(),
+                                      "n_rows": ds.n_rows})
     return _run(client, ds, cfg, store, runs_dir, fresh=True)
 
 
@@ -205,7 +206,8 @@ def resume_tune(tune_id: str, *, tunes_dir: str | Path = "data/tunes", runs_dir:
                 client: Client | str | None = None) -> TuneResult:
     """Continue a tune from its last committed outer iteration (and its refit, if that had started)."""
     store = TuneStore.open(Path(tunes_dir) / f"{tune_id}.zarr", mode="r+")
-    ds = open_dataset(store.dataset["uri"])
+    snapshot = store.dataset.get("snapshot")
+    ds = open_dataset(f"{store.dataset['uri']}@{snapshot}" if snapshot else store.dataset["uri"])
     if ds.fingerprint() != store.dataset["fingerprint"]:
         raise GradpipeError(f"dataset {store.dataset['uri']} changed since tune {tune_id} started; start a new "
                             f"tune with `gradpipe tune --dataset {store.dataset['uri']}`.")
@@ -333,7 +335,7 @@ def _refit(ds, cfg: TuneConfig, store: TuneStore, result: TuneResult, runs_dir: 
         shutil.rmtree(run_path)  # a refit killed before its row 0
     store.set_status(store.status, store.message, refit=run_id)
     init = (result.coef_path[result.best].mean(axis=0), float(result.intercept_path[result.best].mean()))
-    fit = train(ds.path, config, client=client, runs_dir=runs_dir, run_id=run_id,
+    fit = train(ds.ref, config, client=client, runs_dir=runs_dir, run_id=run_id,
                 init=None if result.kind == "lr" else init)
     RunStore.open(run_path, mode="r+").annotate(tuning=record)
     return fit

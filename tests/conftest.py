@@ -20,6 +20,51 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The S3-compatible server (moto, started by the ``s3`` fixture) is reached exactly as AWS would be: through
+# the standard variables. They are set here, before any cluster starts, so worker processes inherit them.
+S3_PORT = _free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+os.environ["AWS_ACCESS_KEY_ID"] = "gradpipe-test"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "gradpipe-test-secret"
+os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = "us-east-1"
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GRADPIPE_STORAGE_OPTIONS"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's server mode) on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh, empty bucket for one test: ``s3://<name>``."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (real API + SQLite) for the whole session."""
@@ -74,6 +119,19 @@ def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``: proves a store is byte-for-byte unchanged."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def dataset_state(path) -> tuple[str, list[str], list[str]]:
+    """What readers of a dataset can see: main's tip, its ancestry, and the branches (a failed write leaves
+    no private branch). Byte hashes of the directory no longer prove "unchanged": a failed write may leave
+    unreferenced chunk objects, which no snapshot names."""
+    import icechunk
+
+    from pipeline.store import location
+
+    repo = icechunk.Repository.open(location.icechunk_storage(str(path)))
+    return (repo.lookup_branch("main"), [s.id for s in repo.ancestry(branch="main")],
+            sorted(repo.list_branches()))
 
 
 def write_csv(path: Path, X: np.ndarray, y: np.ndarray, names: list[str] | None = None,

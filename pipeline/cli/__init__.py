@@ -12,7 +12,8 @@ import traceback
 from pipeline.cli._common import add_tls_option, apply_tls_option
 from pipeline.errors import GradpipeError
 
-COMMANDS = ["make_data", "ingest", "train", "tune", "evaluate", "predict", "export", "runs", "run", "stack"]
+COMMANDS = ["make_data", "ingest", "datasets", "train", "tune", "evaluate", "predict", "export", "runs", "run",
+            "stack"]
 
 
 def common_options() -> argparse.ArgumentParser:

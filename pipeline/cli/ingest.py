@@ -12,11 +12,13 @@ from pipeline.store.dataset import COMPRESSORS
 def register(sub, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "ingest", parents=[parent], help="ingest CSV/Parquet/.npy files into a dataset store",
-        description="Ingest raw files into a Zarr dataset. Re-running with the same files is a no-op; new "
-                    "files are appended; the dataset is replaced atomically.")
+        description="Ingest raw files (local paths or URIs such as s3://bucket/raw/*.csv) into a dataset (a "
+                    "directory or URI). Re-running with the same files is a no-op; new files are appended. Each "
+                    "ingest is one atomic commit: `gradpipe datasets log` lists them.")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory or glob")
     p.add_argument("--target", required=True, help="target column (a column index for .npy)")
-    p.add_argument("--dataset", required=True, help="dataset store path, e.g. data/datasets/demo.zarr")
+    p.add_argument("--dataset", required=True, help="dataset directory or URI, e.g. data/datasets/demo.zarr or "
+                                                        "s3://bucket/datasets/demo")
     p.add_argument("--features", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma-separated feature columns (default: every column but the target)")
     p.add_argument("--weight", metavar="COL",
@@ -60,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         dropped = f", dropped {result.dropped_rows} invalid rows" if result.dropped_rows else ""
         print(f"{result.dataset}: ingested {len(result.appended_files)} file(s){dropped}; now "
-              f"{result.n_rows} rows × {result.n_features} features ({result.seconds:.1f} s).")
+              f"{result.n_rows} rows × {result.n_features} features ({result.seconds:.1f} s); snapshot "
+              f"{result.snapshot}.")
     return 0

@@ -2,14 +2,14 @@
 
 Memory stays bounded whatever the input size: at most ``window`` parsed pieces are alive at a time, and a
 piece is released as soon as the chunk writes that need it are done. Every Zarr chunk is written by exactly
-one task, so chunks never race. All writes go to a staging copy that replaces the dataset in one atomic
-step (``pipeline.store.atomic``); a failure or kill before that leaves the dataset untouched.
+one task, so chunks never race. All writes go into forks of one Icechunk session that the driver merges
+and commits once (:class:`pipeline.store.dataset.Transaction`): a failure or kill before the commit leaves
+the dataset as it was, and readers never see a half-written append.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,13 +23,21 @@ from distributed import Client, as_completed, wait
 from pipeline.cluster import dask_client
 from pipeline.errors import GradpipeError
 from pipeline.ingest.parse import Parsed, Schema, file_sha256, parse_piece, piece_meta
-from pipeline.ingest.sources import Piece, discover, file_format, npy_column_names, plan_pieces, read_columns
+from pipeline.ingest.sources import (
+    Piece,
+    discover,
+    file_format,
+    file_identity,
+    npy_column_names,
+    plan_pieces,
+    read_columns,
+)
 from pipeline.stats import FeatureStats, TargetStats
-from pipeline.store import atomic
+from pipeline.store import atomic, location
 from pipeline.store.dataset import (
     COMPRESSORS,
     DatasetInfo,
-    chunk_files,
+    Transaction,
     chunk_rows_for,
     commit_info,
     create_arrays,
@@ -49,8 +57,9 @@ WRITE_DRAIN_SECONDS = 120.0  # a failed ingest waits this long for its running c
 class IngestResult:
     dataset: str
     n_rows: int
-    n_features: int
-    feature_names: list[str]
+    snapshot: str | None = None  # the commit this ingest made (or the unchanged tip for a no-op)
+    n_features: int = 0
+    feature_names: list[str] = field(default_factory=list)
     appended_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
     dropped_rows: int = 0
@@ -86,45 +95,75 @@ def ingest(sources: list[str], dataset: str | Path, target: str, client: Client 
         raise GradpipeError(f"--chunk-mb must be positive, not {chunk_mb}.")
     if features is not None:
         _check_feature_list(features)
-    path = Path(dataset).absolute()
+    path = location.absolute(dataset)
     files = discover(sources)
     target = _target_name(target, files[0])
     weight = None if weight is None else _target_name(weight, files[0])
     offset = None if offset is None else _target_name(offset, files[0])
-    with atomic.locked(path):
-        atomic.remove_stale_staging(path)
-        old = read_info(path) if path.exists() else None  # raises if it is not a dataset
-        if old is not None:
-            _check_same_schema(old, target, features, weight, offset)
-        new_files, skipped = _classify(files, old, replace)
-        known = [Path(m["path"]) for m in old.manifest] if old else []
-        if replace and set(known) & set(new_files):
-            # A replaced file's rows sit in the middle of the dataset: rebuild from every source.
-            gone = [f for f in known if not f.is_file()]
-            if gone:
-                raise GradpipeError(f"--replace rebuilds {path} from all its sources, but {gone[0]} (in its "
-                                    f"manifest) no longer exists. Restore it, or ingest into a new dataset.")
-            new_files = list(dict.fromkeys([*known, *new_files]))
-            skipped, base = [], None
-            features = features or old.feature_names
-        else:
-            base = old
-        if not new_files:
-            n = old.n_rows if old else 0
-            return IngestResult(str(path), n, old.n_features if old else 0,
-                                old.feature_names if old else [], skipped_files=[str(f) for f in skipped],
-                                seconds=time.perf_counter() - t0)
-        schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid, weight, offset)
-        staged = atomic.staging_path(path)
+    with _writer_lock(path):
+        tx = Transaction(path)
         try:
-            with _connected(client, scheduler, workers, announce) as c:
-                info, dropped = _build(staged, path, base, new_files, schema, c, chunk_mb, compressor, on_piece)
-            atomic.commit(staged, path)
+            old = None if tx.created else read_info(f"{path}@{tx.parent}")  # raises if it is not a dataset
+            result = _ingest_into(tx, old, files, target, features, dtype, on_invalid, replace, compressor,
+                                  chunk_mb, client, scheduler, workers, announce, on_piece, weight, offset)
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
-    return IngestResult(str(path), info.n_rows, info.n_features, info.feature_names,
+            tx.abandon()  # a no-op once committed; a first ingest that failed leaves no repository behind
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@contextmanager
+def _writer_lock(path: str) -> Iterator[None]:
+    """Local datasets: one writer at a time (Icechunk's local storage cannot detect a racing commit). Object
+    stores need no lock: there Icechunk's conditional writes make the second of two racing commits fail."""
+    if location.is_remote(path):
+        yield
+        return
+    with atomic.locked(Path(path)):
+        yield
+
+
+def _ingest_into(tx: Transaction, old: DatasetInfo | None, files: list[str], target: str,
+                 features: list[str] | None, dtype: str, on_invalid: str, replace: bool, compressor: str,
+                 chunk_mb: float, client: Client | None, scheduler: str | None, workers: int | None, announce: bool,
+                 on_piece: OnPiece | None, weight: str | None, offset: str | None) -> IngestResult:
+    path = tx.uri
+    if old is not None:
+        _check_same_schema(old, target, features, weight, offset)
+    new_files, skipped = _classify(files, old, replace)
+    known = [m["path"] for m in old.manifest] if old else []
+    if replace and set(known) & set(new_files):
+        # A replaced file's rows sit in the middle of the dataset: rebuild from every source.
+        gone = [f for f in known if not _exists(f)]
+        if gone:
+            raise GradpipeError(f"--replace rebuilds {path} from all its sources, but {gone[0]} (in its "
+                                f"manifest) no longer exists. Restore it, or ingest into a new dataset.")
+        new_files = list(dict.fromkeys([*known, *new_files]))
+        skipped, base = [], None
+        features = features or old.feature_names
+    else:
+        base = old
+    if not new_files:
+        return IngestResult(path, old.n_rows if old else 0, tx.parent, old.n_features if old else 0,
+                            old.feature_names if old else [], skipped_files=[str(f) for f in skipped])
+    schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid, weight, offset)
+    with _connected(client, scheduler, workers, announce) as c:
+        info, dropped = _build(tx, base, new_files, schema, c, chunk_mb, compressor, on_piece)
+    n_new = info.n_rows - (base.n_rows if base else 0)
+    what = "rebuilt from" if replace and base is None and old is not None else "added"
+    names = ", ".join(location.name(f) for f in new_files[:5]) + (f" and {len(new_files) - 5} more"
+                                                                   if len(new_files) > 5 else "")
+    snapshot = tx.commit(f"ingest: {what} {names} ({n_new:,} rows; {info.n_rows:,} in all)",
+                         {"gradpipe": "ingest", "added": [str(f) for f in new_files], "rows_added": n_new,
+                          "n_rows": info.n_rows, "dropped_rows": dropped, "replace": bool(replace)})
+    return IngestResult(path, info.n_rows, snapshot, info.n_features, info.feature_names,
                         appended_files=[str(f) for f in new_files], skipped_files=[str(f) for f in skipped],
-                        dropped_rows=dropped, seconds=time.perf_counter() - t0)
+                        dropped_rows=dropped)
+
+
+def _exists(source: str) -> bool:
+    fs, p = location.filesystem(source)
+    return fs.isfile(p)
 
 
 @contextmanager
@@ -164,18 +203,7 @@ def _check_same_schema(old: DatasetInfo, target: str, features: list[str] | None
                                 f"must have the same columns ({fix}, or ingest into a new dataset).")
 
 
-def file_identity(path: Path) -> dict[str, int | float]:
-    """What tells, without reading it, that a file is the one ingested: size, mtime, ctime and inode.
-
-    ctime cannot be set by users (``touch -r`` and ``cp -p`` restore mtime, not ctime), so a file whose
-    content may have changed is always re-hashed.
-    """
-    st = path.stat()
-    return {"size": st.st_size, "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino}
-
-
-def _target_name(target: str, first: Path) -> str:
+def _target_name(target: str, first: str) -> str:
     """``--target`` as a column name: for .npy sources an index (``2``, ``-1``) names column ``col2``…"""
     if file_format(first) == "npy" and target.lstrip("-").isdigit():
         columns = read_columns(first)
@@ -184,7 +212,7 @@ def _target_name(target: str, first: Path) -> str:
     return target
 
 
-def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tuple[list[Path], list[Path]]:
+def _classify(files: list[str], old: DatasetInfo | None, replace: bool) -> tuple[list[str], list[str]]:
     """Split files into new ones and already-ingested ones; a changed file is an error unless replacing."""
     known = {m["path"]: m for m in old.manifest} if old else {}
     new, skipped = [], []
@@ -206,7 +234,7 @@ def _classify(files: list[Path], old: DatasetInfo | None, replace: bool) -> tupl
     return new, skipped
 
 
-def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, features: list[str] | None,
+def _resolve_schema(files: list[str], base: DatasetInfo | None, target: str, features: list[str] | None,
                     dtype: str, on_invalid: str, weight: str | None = None, offset: str | None = None) -> Schema:
     columns = read_columns(files[0])
     explicit = features is not None
@@ -250,10 +278,10 @@ def _resolve_schema(files: list[Path], base: DatasetInfo | None, target: str, fe
                   offset=offset)
 
 
-def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path], schema: Schema,
+def _build(tx: Transaction, base: DatasetInfo | None, files: list[str], schema: Schema,
            client: Client, chunk_mb: float, compressor: str,
            on_piece: OnPiece | None = None) -> tuple[DatasetInfo, int]:
-    """Write all new rows into ``staged`` and its final attrs; returns the new info and rows dropped."""
+    """Write all new rows and the final attrs into the transaction; returns the new info and rows dropped."""
     plans = [plan_pieces(f, read_columns(f)) for f in files]
     pieces = [p for ps, _ in plans for p in ps]
     bound = sum(b for _, b in plans)
@@ -261,30 +289,28 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
     if base is None:
         chunk_rows = chunk_rows_for(chunk_mb, d, np.dtype(schema.dtype).itemsize)
         n_old = 0
-        create_arrays(staged, bound, d, chunk_rows, schema.dtype, compressor, weights=schema.weight is not None,
-                      offset=schema.offset is not None)
+        create_arrays(tx.store, bound, d, chunk_rows, schema.dtype, compressor,
+                      weights=schema.weight is not None, offset=schema.offset is not None)
     else:
         chunk_rows, n_old = base.chunk_rows, base.n_rows
-        atomic.link_copy(live, staged)
-        if n_old % chunk_rows:  # the partial last chunk is rewritten, filled up with new rows
-            for f in chunk_files(staged, n_old // chunk_rows):
-                atomic.unshare(f)
-        resize_rows(staged, n_old + bound)
+        resize_rows(tx.store, n_old + bound)  # the partial last chunk is rewritten, filled up with new rows
+    fork = tx.fork()
     # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache. The
     # identity is taken first: a file modified during ingest then looks changed and is re-hashed next time.
     identities = {str(f): file_identity(f) for f in files}
     # Task keys name the work on the dashboard (gradpipe-ingest-<dataset>…); the per-call token keeps them
     # unique on a shared cluster, where a key another ingest still holds would hand back that one's data.
-    tag = f"{live.name.removesuffix('.zarr')}-{uuid.uuid4().hex[:12]}"
+    tag = f"{location.name(tx.uri).removesuffix('.zarr')}-{uuid.uuid4().hex[:12]}"
     hashes = {str(f): client.submit(file_sha256, str(f), pure=False, priority=-(10**9),
                                     key=f"gradpipe-ingest-hash-{tag}-{i}") for i, f in enumerate(files)}
     sizes = [_piece_bytes(ps, identities[str(f)]["size"]) for f, (ps, _) in zip(files, plans, strict=True)]
-    metas = _stream(client, pieces, schema, str(staged), n_old, chunk_rows, tag,
-                    [b for bs in sizes for b in bs], on_piece)
+    metas, forks = _stream(client, pieces, schema, fork, n_old, chunk_rows, tag,
+                           [b for bs in sizes for b in bs], on_piece)
     n_total = n_old + sum(m.n_rows for m in metas)
     if n_total == 0:
         raise GradpipeError("no data rows: every source is empty or every row was dropped as invalid.")
-    resize_rows(staged, n_total)
+    tx.merge(forks)
+    resize_rows(tx.store, n_total)
     stats = base.stats if base else FeatureStats.empty(d, weighted=schema.weight is not None)
     # The target summary merges in row order, each piece shifted to its first dataset row. Appending to a
     # dataset ingested before the summary existed leaves it absent: the old rows were never summarised, so
@@ -309,9 +335,9 @@ def _build(staged: Path, live: Path, base: DatasetInfo | None, files: list[Path]
         manifest.append({"path": str(f), **identities[str(f)], "sha256": hashes[str(f)].result(), "rows": rows,
                          "row_start": row, "row_stop": row + rows, "dropped": sum(m.n_dropped for m in fm)})
         row += rows
-    info = DatasetInfo(str(live), schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
+    info = DatasetInfo(tx.uri, schema.features, schema.target, n_total, chunk_rows, schema.dtype, stats,
                        manifest, target, weight=schema.weight, offset=schema.offset)
-    commit_info(staged, info)
+    commit_info(tx.store, info)
     return info, sum(m.n_dropped for m in metas)
 
 
@@ -326,9 +352,10 @@ def _piece_bytes(pieces: list[Piece], size: int) -> list[int]:
     return out
 
 
-def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_old: int, chunk_rows: int,
-            tag: str, piece_bytes: list[int], on_piece: OnPiece | None = None) -> list:
-    """Parse pieces with a bounded window and write each complete chunk as soon as its rows are known."""
+def _stream(client: Client, pieces: list[Piece], schema: Schema, store, n_old: int, chunk_rows: int,
+            tag: str, piece_bytes: list[int], on_piece: OnPiece | None = None) -> tuple[list, list]:
+    """Parse pieces with a bounded window and write each complete chunk as soon as its rows are known, into
+    the fork ``store``; returns the pieces' metadata and the written forks, for the driver to merge."""
     window = 2 * max(1, sum(client.nthreads().values())) + 2
     parsed: dict[int, object] = {}
     metas: dict[int, object] = {}
@@ -389,24 +416,25 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store: str, n_o
             submit_more()
         if pending_rows:
             emit(pending_rows)
-        client.gather(writes)
+        forks = client.gather(writes)
     except BaseException as exc:
         for f in parsed.values():
             f.cancel()
         if isinstance(exc, Exception):
             # A cancel does not stop a write already running on a worker: let the writes end (those waiting on a
-            # cancelled parse fail at once) before the caller removes the staging copy, which a late write would
-            # otherwise recreate (seen on a full disk).
+            # cancelled parse fail at once) before the caller abandons the transaction, so no late write lands in
+            # a repository the caller is removing (seen on a full disk).
             with contextlib.suppress(Exception):
                 wait(writes, timeout=WRITE_DRAIN_SECONDS)
         for f in writes:
             f.cancel()
         raise
-    return [metas[i] for i in range(len(pieces))]
+    return [metas[i] for i in range(len(pieces))], forks
 
 
-def _write_segments(store: str, chunk: int, chunk_rows: int, segments: list) -> int:
-    """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk.
+def _write_segments(store, chunk: int, chunk_rows: int, segments: list) -> int:
+    """Assemble one chunk's rows from parsed pieces (and stored rows) and write that single chunk into the
+    fork ``store``, which it returns with its change.
 
     Parsed pieces are feature-major; the transpose into the row-major chunk is the only copy. Weights and
     offsets travel with their rows, from the pieces or from the stored partial chunk.

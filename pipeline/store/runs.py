@@ -50,7 +50,7 @@ REPORT_GROUP = "report"  # the subgroup for files about the run (RunStore.report
 class DatasetRef:
     """What a run records about the data it trained on."""
 
-    uri: str
+    uri: str  # the dataset's location
     fingerprint: str
     feature_names: list[str]
     target: str
@@ -59,6 +59,7 @@ class DatasetRef:
     scale: list[float] | None
     weight: str | None = None  # the sample-weight and offset columns it had (None: none)
     offset: str | None = None
+    snapshot: str | None = None  # the dataset's Icechunk snapshot (None: a run from before snapshots)
 
     def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return tuple(None if v is None else np.asarray(v, dtype=np.float64) for v in (self.mean, self.scale))
@@ -222,7 +223,7 @@ class RunStore:
         return DatasetRef(uri=meta.get("uri", "?"), fingerprint=meta.get("fingerprint", ""),
                           feature_names=list(meta.get("feature_names", [])), target=meta.get("target", ""),
                           n_rows=int(meta.get("n_rows", 0)), mean=meta.get("mean"), scale=meta.get("scale"),
-                          weight=meta.get("weight"), offset=meta.get("offset"))
+                          weight=meta.get("weight"), offset=meta.get("offset"), snapshot=meta.get("snapshot"))
 
     @staticmethod
     def has_metadata(path: str | Path) -> bool:
