@@ -30,7 +30,8 @@ def _free_port() -> int:
 
 # The S3-compatible server (moto, started by the ``s3`` fixture) is reached exactly as AWS would be: through
 # the standard variables. They are set here, before any cluster starts, so worker processes inherit them.
-S3_PORT = _free_port()
+# Test modules import this file again as ``tests.conftest``: the port is chosen once per session.
+S3_PORT = int(os.environ.setdefault("GRADPIPE_TEST_S3_PORT", str(_free_port())))
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 os.environ["AWS_ACCESS_KEY_ID"] = "gradpipe-test"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "gradpipe-test-secret"
@@ -42,10 +43,21 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GRADPIPE_STORAGE_OPTIONS"):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API server (moto's server mode) on 127.0.0.1 for the whole session."""
+    import socket
+    import time
+
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
+    deadline = time.monotonic() + 30
+    while True:  # start() returns before the server listens
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the S3 server did not listen within 30 s"
+            time.sleep(0.02)
     try:
         yield os.environ["AWS_ENDPOINT_URL"]
     finally:
@@ -132,6 +144,44 @@ def dataset_state(path) -> tuple[str, list[str], list[str]]:
     repo = icechunk.Repository.open(location.icechunk_storage(str(path)))
     return (repo.lookup_branch("main"), [s.id for s in repo.ancestry(branch="main")],
             sorted(repo.list_branches()))
+
+
+def dataset_group(path):
+    """The dataset's Zarr group at main's tip, opened the way any Zarr reader does (through Icechunk)."""
+    import icechunk
+    import zarr
+
+    from pipeline.store import location
+
+    repo = icechunk.Repository.open(location.icechunk_storage(str(path)))
+    return zarr.open_group(repo.readonly_session("main").store, mode="r")
+
+
+def chunk_objects(path) -> list[Path]:
+    """The chunk objects of a local dataset (Icechunk keeps them, content-addressed, under ``chunks/``)."""
+    return sorted(p for p in (Path(path) / "chunks").iterdir() if p.is_file())
+
+
+def chunk_object(ds: Path, array: str, k: int) -> Path:
+    """The chunk object holding chunk ``k`` of ``array`` (Icechunk names objects by id, not coordinates): the
+    one whose damage makes exactly that chunk unreadable."""
+    from pipeline.errors import GradpipeError
+    from pipeline.store.dataset import read_info, read_rows
+
+    for obj in chunk_objects(ds):
+        raw = obj.read_bytes()
+        obj.write_bytes(b"x" * len(raw))
+        try:
+            info = read_info(ds)
+            read_rows(str(ds), k * info.chunk_rows, min(info.n_rows, (k + 1) * info.chunk_rows))
+            hit = False
+        except GradpipeError as exc:
+            hit = f"array {array} chunk {k}" in str(exc)
+        finally:
+            obj.write_bytes(raw)
+        if hit:
+            return obj
+    raise AssertionError(f"no chunk object holds {array} chunk {k}")
 
 
 def write_csv(path: Path, X: np.ndarray, y: np.ndarray, names: list[str] | None = None,

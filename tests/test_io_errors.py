@@ -24,7 +24,7 @@ from pipeline.ingest import ingest
 from pipeline.ingest.parse import Schema, parse_piece
 from pipeline.ingest.sources import plan_pieces, read_columns
 from pipeline.store.dataset import read_info
-from tests.conftest import make_xy, tree_hashes, write_csv
+from tests.conftest import chunk_object, dataset_state, make_xy, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,11 +50,6 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def leftovers(dataset: Path) -> list[str]:
-    """Staging directories of ``dataset`` still on disk (a failed ingest must not leave one)."""
-    return sorted(p.name for p in dataset.parent.glob(f".{dataset.name}.staging-*"))
-
-
 def small_csv(path: Path, n: int = 3000, seed: int = 0) -> Path:
     X, y = make_xy(n, 5, seed)
     return write_csv(path, X, y)
@@ -72,29 +67,29 @@ def test_ingest_efbig_leaves_no_store(tmp_path):
                fsize=FSIZE)
     line = one_line(proc)
     assert f"{ds}: File too large (EFBIG)" in line and "--dataset" in line and "nothing was committed" in line
-    assert not ds.exists() and not leftovers(ds)
+    assert not ds.exists()
 
 
 def test_append_efbig_keeps_the_dataset(tmp_path, client):
     ds = tmp_path / "ds.zarr"
     ingest([str(small_csv(tmp_path / "a.csv"))], ds, "y", client, chunk_mb=0.05, compressor="none")
-    before = tree_hashes(ds)
+    before = dataset_state(ds)
     proc = cli("ingest", str(small_csv(tmp_path / "b.csv", seed=1)), "--target", "y", "--dataset", str(ds),
                "--workers", "1", *LAYOUT, fsize=FSIZE)
     assert "File too large (EFBIG)" in one_line(proc)
-    assert tree_hashes(ds) == before and not leftovers(ds)
+    assert dataset_state(ds) == before
     assert [Path(m["path"]).name for m in read_info(ds).manifest] == ["a.csv"]
 
 
 def test_train_checkpoint_efbig_is_one_line_and_keeps_the_dataset(tmp_path, client):
     ds, runs = tmp_path / "ds.zarr", tmp_path / "runs"
     ingest([str(small_csv(tmp_path / "a.csv"))], ds, "y", client, chunk_mb=0.05)
-    before = tree_hashes(ds)
+    before = dataset_state(ds)
     proc = cli("train", "--dataset", str(ds), "--runs-dir", str(runs), "--solver", "gd", "--max-iter", "3",
                "--workers", "1", "--json", "--quiet", fsize=FSIZE)
     line = one_line(proc)
     assert f"{runs}: File too large (EFBIG)" in line and "--runs-dir" in line, line
-    assert tree_hashes(ds) == before
+    assert dataset_state(ds) == before
 
 
 @pytest.fixture
@@ -116,16 +111,16 @@ def tmpfs(tmp_path) -> Iterator[Path]:
 def test_ingest_and_append_on_a_full_disk(tmp_path, tmpfs, scheduler, client):
     ds = tmpfs / "ds.zarr"
     ingest([str(small_csv(tmp_path / "a.csv", n=500))], ds, "y", client, chunk_mb=0.05, compressor="none")
-    before = tree_hashes(ds)
+    before = dataset_state(ds)
     big = small_csv(tmp_path / "big.csv", n=40_000, seed=1)  # 1.6 MB of float64: more than the disk holds
     proc = cli("ingest", str(big), "--target", "y", "--dataset", str(ds), "--scheduler", scheduler, *LAYOUT)
     line = one_line(proc)
     assert f"{ds}: No space left on device (ENOSPC) — free space, or choose another --dataset" in line, line
-    assert tree_hashes(ds) == before and not leftovers(ds)
+    assert dataset_state(ds) == before
     new = tmpfs / "new.zarr"
     proc = cli("ingest", str(big), "--target", "y", "--dataset", str(new), "--scheduler", scheduler, *LAYOUT)
     assert "No space left on device (ENOSPC)" in one_line(proc)
-    assert not new.exists() and not leftovers(new)
+    assert not new.exists()
 
 
 # ---- (b) a directory that cannot hold the dataset ------------------------------------------------------
@@ -138,7 +133,7 @@ def test_read_only_directory_is_named(tmp_path, scheduler, client):
     ro.mkdir()
     ds = ro / "ds.zarr"
     ingest([str(small_csv(tmp_path / "a.csv", n=100))], ds, "y", client)
-    before = tree_hashes(ds)
+    before = dataset_state(ds)
     (ro / ".ds.zarr.lock").unlink()
     ro.chmod(0o555)
     try:
@@ -148,20 +143,20 @@ def test_read_only_directory_is_named(tmp_path, scheduler, client):
     finally:
         ro.chmod(0o755)
     assert f"cannot create the lock file {ro / '.ds.zarr.lock'} (Permission denied)" in line, line
-    assert tree_hashes(ds) == before
+    assert dataset_state(ds) == before
 
 
 def test_read_only_file_system_is_named(tmp_path, tmpfs, scheduler, client):
     ds = tmpfs / "ds.zarr"
     ingest([str(small_csv(tmp_path / "a.csv", n=100))], ds, "y", client)
-    before = tree_hashes(ds)
+    before = dataset_state(ds)
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     proc = cli("ingest", str(small_csv(tmp_path / "b.csv", n=100, seed=1)), "--target", "y", "--dataset",
                str(ds), "--scheduler", scheduler)
     line = one_line(proc)
     assert f"cannot create the lock file {tmpfs / '.ds.zarr.lock'} (Read-only file system)" in line, line
     assert "write ds.zarr somewhere else" in line
-    assert tree_hashes(ds) == before
+    assert dataset_state(ds) == before
 
 
 def test_dataset_under_a_file_is_named(tmp_path):
@@ -192,13 +187,13 @@ def test_append_onto_a_garbage_last_chunk_names_it(tmp_path, scheduler, client):
     info = read_info(ds)
     last = info.n_rows // info.chunk_rows
     assert info.n_rows % info.chunk_rows  # a partial last chunk: the append reads and rewrites it
-    (ds / "X" / "c" / str(last) / "0").write_bytes(b"\x00garbage" * 16)
-    before = tree_hashes(ds)
+    chunk_object(ds, "X", last).write_bytes(b"\x00garbage" * 16)
+    before = dataset_state(ds)
     proc = cli("ingest", str(small_csv(tmp_path / "b.csv", n=100, seed=1)), "--target", "y", "--dataset",
                str(ds), "--scheduler", scheduler, "--json")
     line = one_line(proc)
     assert f"array X chunk {last} " in line and "corrupted" in line and "--replace" in line, line
-    assert tree_hashes(ds) == before and not leftovers(ds)
+    assert dataset_state(ds) == before
 
 
 # ---- (e) integers float64 cannot hold ------------------------------------------------------------------

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"gradpipe {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        message = storage_error_message(args, exc)
+    except Exception as exc:  # noqa: BLE001 - OSError, or Icechunk's error around one
+        os_error = exc if isinstance(exc, OSError) else _os_error_inside(exc)
+        message = None if os_error is None else storage_error_message(args, os_error)
         if message is None:
             raise  # not a storage failure the user can fix: a bug, keep the traceback
         if args.debug:
@@ -55,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"gradpipe {args.command}: {getattr(exc, 'message', 'interrupted')}", file=sys.stderr)
         return 130
+
+
+def _os_error_inside(exc: BaseException) -> OSError | None:
+    """The OS error an Icechunk (Rust) error reports as "(os error N)", as an OSError (a dataset write that
+    hit a full disk or a file-size limit); None for any other error."""
+    import re
+
+    if "icechunk" not in type(exc).__module__.lower() and "Icechunk" not in type(exc).__name__:
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 # Failures of the disk or the file system, not of gradpipe: the user fixes them by freeing space, raising a

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import GradpipeError
-from pipeline.ingest.sources import Piece
+from pipeline.ingest.sources import Piece, open_source
 from pipeline.stats import FeatureStats, TargetStats
+from pipeline.store.location import filesystem, is_remote
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def piece_meta(parsed: Parsed) -> PieceMeta:
 
 
 def file_sha256(path: str) -> str:
-    with open(path, "rb") as fh:
+
+    with open_source(path) as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -148,6 +150,9 @@ def _from_arrow(table, schema: Schema) -> tuple[np.ndarray, np.ndarray, list[np.
 def _read_bytes(piece: Piece):
     import pyarrow as pa
 
+    if is_remote(piece.path):  # one ranged GET of exactly the piece's bytes
+        fs, path = filesystem(piece.path)
+        return pa.py_buffer(fs.cat_file(path, start=piece.start, end=piece.stop))
     with pa.OSFile(piece.path) as fh:  # straight into an Arrow buffer: half the cost of a Python read
         fh.seek(piece.start)
         return fh.read_buffer(piece.stop - piece.start)
@@ -176,8 +181,9 @@ def _read_csv(piece: Piece, schema: Schema) -> Table:
 
 def _first_line_number(piece: Piece) -> int:
     """1-based line number of the piece's first line (counts newlines before it; error path only)."""
+
     count = 0
-    with open(piece.path, "rb") as fh:
+    with open_source(piece.path) as fh:
         remaining = piece.start
         while remaining > 0:
             block = fh.read(min(remaining, 8 * 2**20))
@@ -283,11 +289,11 @@ def _source_value(piece: Piece, column: str, row: int) -> str | None:
     if piece.fmt == "parquet":
         import pyarrow.parquet as pq
 
-        v = pq.ParquetFile(piece.path).read_row_group(piece.start, columns=[column]).column(0)[row].as_py()
+        v = pq.ParquetFile(open_source(piece.path)).read_row_group(piece.start, columns=[column]).column(0)[row].as_py()
         return "" if v is None else str(v)
     if piece.fmt == "npy":
-        arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
-        return str(arr[piece.start + row, piece.columns.index(column)])
+        arr = _npy_rows(piece.path, piece.start + row, piece.start + row + 1)
+        return str(arr[0, piece.columns.index(column)])
     return None
 
 
@@ -295,7 +301,7 @@ def _read_parquet(piece: Piece, schema: Schema) -> Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(piece.path)
+    pf = pq.ParquetFile(open_source(piece.path))  # remote: the footer and this row group's byte ranges
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(piece.start))
     used = schema.columns
     try:
@@ -349,13 +355,29 @@ def _check_exact_integers(path: str, name: str, col, first_row: int) -> None:
         raise GradpipeError(_inexact_message(path, first_row + i, name, col[i].as_py()))
 
 
+def _npy_rows(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a 2-D .npy: memory-mapped locally, one ranged read on an object store."""
+    if not is_remote(path):
+        return np.load(path, mmap_mode="r", allow_pickle=False)[start:stop]
+
+    with open_source(path) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)  # the header only: nothing unpickled
+        if fortran or dtype.hasobject:
+            raise ValueError("only C-ordered numeric .npy files can be read from an object store")
+        row = shape[1] * dtype.itemsize
+        fh.seek(fh.tell() + start * row)
+        data = fh.read((stop - start) * row)
+    return np.frombuffer(data, dtype=dtype).reshape(-1, shape[1])
+
+
 def _read_npy(piece: Piece, schema: Schema) -> Table:
     try:
-        arr = np.load(piece.path, mmap_mode="r", allow_pickle=False)
+        block = _npy_rows(piece.path, piece.start, piece.stop)
     except (OSError, ValueError) as exc:  # truncated or replaced since it was planned
         raise GradpipeError(f"{piece.path}: cannot be read as .npy ({exc}); copy or save it again.") from None
     index = {c: i for i, c in enumerate(piece.columns)}
-    block = arr[piece.start:piece.stop]
     if block.dtype.kind in "iu" and block.dtype.itemsize >= 8 and len(block):
         used = [index[c] for c in schema.columns]
         sub = block[:, used]

@@ -1,6 +1,7 @@
 """Finding source files, reading their column names, and splitting them into pieces to parse.
 
-Runs on the driver and touches only headers and metadata, never the bulk of a file.
+Runs on the driver and touches only headers and metadata, never the bulk of a file. A source is a local path
+or an fsspec URI (``s3://bucket/raw/a.csv``): remote files are read by byte ranges, never downloaded whole.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import io
 import os
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 import numpy as np
 
 from pipeline.errors import GradpipeError
+from pipeline.store import location
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
 COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}
@@ -34,10 +37,14 @@ class Piece:
     columns: tuple[str, ...]  # this file's own columns, in its own order
 
 
-def discover(sources: list[str]) -> list[Path]:
-    """Expand files, directories and globs into a sorted, de-duplicated list of supported files."""
-    found: list[Path] = []
+def discover(sources: list[str]) -> list[str]:
+    """Expand files, directories and globs into a sorted, de-duplicated list of supported files (local paths
+    resolved, URIs with their scheme)."""
+    found: list[str] = []
     for src in sources:
+        if location.is_remote(src):
+            found.extend(_discover_remote(src))
+            continue
         matches = [Path(p) for p in sorted(glob.glob(src))] if glob.has_magic(src) else [Path(src)]
         if not matches:
             raise GradpipeError(f"no files match {src!r}.")
@@ -54,37 +61,89 @@ def discover(sources: list[str]) -> list[Path]:
                                         "`gunzip -k`, or name the other files explicitly).")
                 if not inside:
                     raise GradpipeError(f"directory {m} holds no .csv, .parquet or .npy files.")
-                found.extend(inside)
+                found.extend(str(p.resolve()) for p in inside)
             elif m.is_file():
-                if m.suffix.lower() not in FORMATS:
-                    raise GradpipeError(f"{m}: unsupported file type {m.suffix!r} "
-                                        "(use .csv, .parquet or .npy).")
-                found.append(m)
+                _check_suffix(str(m))
+                found.append(str(m.resolve()))
             else:
                 raise GradpipeError(f"{m} does not exist.")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    return list(dict.fromkeys(found))
 
 
-def file_format(path: Path) -> str:
-    return FORMATS[path.suffix.lower()]
+def _check_suffix(path: str) -> None:
+    suffix = PurePosixPath(path).suffix
+    if suffix.lower() not in FORMATS:
+        raise GradpipeError(f"{path}: unsupported file type {suffix!r} (use .csv, .parquet or .npy).")
+
+
+def _discover_remote(src: str) -> list[str]:
+    """A URI, a glob or a "directory" prefix on an object store, as full URIs."""
+    fs, path = location.filesystem(src)
+    scheme = location.protocol(src)
+    try:
+        if glob.has_magic(path):
+            matches = sorted(fs.glob(path))
+            if not matches:
+                raise GradpipeError(f"no files match {src!r}.")
+            out = [m for m in matches if not fs.isdir(m)]
+        elif fs.isfile(path):
+            out = [path]
+        elif fs.isdir(path):
+            out = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in FORMATS)
+            if not out:
+                raise GradpipeError(f"{src} holds no .csv, .parquet or .npy files.")
+        else:
+            raise GradpipeError(f"{src} does not exist.")
+    except (OSError, PermissionError) as exc:
+        raise GradpipeError(f"cannot list {src} ({exc}); check the URI, AWS_ENDPOINT_URL and the "
+                            f"credentials.") from None
+    uris = [f"{scheme}://{p}" for p in out]
+    for u in uris:
+        _check_suffix(u)
+    return uris
+
+
+def open_source(path: str, mode: str = "rb") -> IO[bytes]:
+    """A source file opened for reading: a local file, or an fsspec file that fetches byte ranges."""
+    if location.is_remote(path):
+        fs, p = location.filesystem(path)
+        return fs.open(p, mode)
+    return open(path, mode)
+
+
+def source_size(path: str) -> int:
+    if location.is_remote(path):
+        fs, p = location.filesystem(path)
+        return int(fs.size(p))
+    return Path(path).stat().st_size
+
+
+def _is_file(path: str) -> bool:
+    if location.is_remote(path):
+        fs, p = location.filesystem(path)
+        return fs.isfile(p)
+    return Path(path).is_file()
+
+
+def file_format(path: str) -> str:
+    return FORMATS[PurePosixPath(str(path)).suffix.lower()]
 
 
 def npy_column_names(n_columns: int) -> list[str]:
     return [f"col{i}" for i in range(n_columns)]
 
 
-def read_columns(path: Path) -> list[str]:
+def read_columns(path: str) -> list[str]:
     """The file's column names (CSV header, Parquet schema, or ``col0..`` for a 2-D .npy)."""
     fmt = file_format(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise GradpipeError(f"{path} does not exist (it may have been moved or deleted).")
-    if path.stat().st_size == 0:
+    if source_size(path) == 0:
         raise GradpipeError(f"{path} is empty.")
-    if not os.access(path, os.R_OK):
+    if not location.is_remote(path) and not os.access(path, os.R_OK):
         raise GradpipeError(f"{path} is not readable (permission denied).")
     if fmt == "csv":
-        with open(path, "rb") as fh:
+        with open_source(path) as fh:
             first = fh.readline()
         # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
         header = next(csv.reader(io.StringIO(first.decode("utf-8-sig", errors="replace"))), [])
@@ -107,18 +166,18 @@ def read_columns(path: Path) -> list[str]:
     return columns
 
 
-def _parquet_file(path: Path):
+def _parquet_file(path: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(open_source(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise GradpipeError(f"{path}: unreadable Parquet file ({exc}).") from None
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
     try:
-        with open(path, "rb") as fh:
+        with open_source(path) as fh:
             version = np.lib.format.read_magic(fh)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -130,11 +189,11 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _check_npy_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+def _check_npy_size(path: str, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
     """A truncated .npy (an interrupted copy or download) fails here on the driver, naming what is missing,
     instead of as an mmap error inside a worker."""
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = path.stat().st_size
+    size = source_size(path)
     if size < expected:
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         complete = max(0, size - offset) // row_bytes if row_bytes else 0
@@ -143,10 +202,10 @@ def _check_npy_size(path: Path, shape: tuple[int, ...], dtype: np.dtype, offset:
                             f"rows). Copy or save the file again.")
 
 
-def plan_pieces(path: Path, columns: list[str]) -> tuple[list[Piece], int]:
+def plan_pieces(path: str, columns: list[str]) -> tuple[list[Piece], int]:
     """Split a file into pieces; also return an upper bound on its number of data rows."""
     fmt = file_format(path)
-    size = path.stat().st_size
+    size = source_size(path)
     if fmt == "csv":
         pieces, bound = _plan_csv(path, size, tuple(columns))
     elif fmt == "parquet":
@@ -165,8 +224,8 @@ def plan_pieces(path: Path, columns: list[str]) -> tuple[list[Piece], int]:
     return pieces, bound
 
 
-def _plan_csv(path: Path, size: int, columns: tuple[str, ...]) -> tuple[list[Piece], int]:
-    with open(path, "rb") as fh:
+def _plan_csv(path: str, size: int, columns: tuple[str, ...]) -> tuple[list[Piece], int]:
+    with open_source(path) as fh:
         fh.readline()
         start = fh.tell()
         bounds = [start]
@@ -178,7 +237,7 @@ def _plan_csv(path: Path, size: int, columns: tuple[str, ...]) -> tuple[list[Pie
             fh.seek(target)
             fh.readline()  # move to the start of the next line so no row is split
             bounds.append(min(fh.tell(), size))
-    with open(path, "rb") as fh:
+    with open_source(path) as fh:
         fh.seek(start)
         if not fh.read(PIECE_BYTES).strip():
             return [], 0
@@ -186,3 +245,21 @@ def _plan_csv(path: Path, size: int, columns: tuple[str, ...]) -> tuple[list[Pie
     # A row holds n_columns-1 separators and a newline, so at least n_columns bytes even with empty cells
     # (the last line may lack its newline: +1). Blank lines hold no row.
     return pieces, (size - start) // len(columns) + 1
+
+
+def file_identity(path: str) -> dict[str, int | float | str]:
+    """What tells, without reading it, that a file is the one ingested.
+
+    Local: size, mtime, ctime and inode (ctime cannot be set by users: ``touch -r`` and ``cp -p`` restore
+    mtime, not ctime, so a file whose content may have changed is always re-hashed). Object stores: size,
+    modification time and ETag (a rewritten object gets a new ETag).
+    """
+    if location.is_remote(path):
+        fs, p = location.filesystem(path)
+        info = fs.info(p)
+        modified = info.get("LastModified") or info.get("mtime")
+        return {"size": int(info["size"]), "mtime": modified.timestamp() if hasattr(modified, "timestamp") else 0.0,
+                "etag": str(info.get("ETag") or info.get("etag") or "")}
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}

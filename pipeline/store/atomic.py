@@ -1,10 +1,7 @@
-"""Atomic replacement of a directory store: build a staged copy, then swap it in with one syscall.
+"""Local-disk atomicity: swapping in a directory with one syscall (``make-data`` output) and writer locks.
 
-A dataset is never edited in place. An append hard-links the existing chunk files into a staging
-directory (free), gives every file it will rewrite a private copy first (``unshare``: a write through a
-link would change the live store too), writes new chunks and metadata there, and finally exchanges the two
-directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``). A crash or SIGKILL at any moment leaves
-the live store byte-for-byte as it was; a left-over staging directory is removed by the next ingest.
+Datasets no longer use these swaps: they are Icechunk repositories, whose commits are atomic on local disk
+and object stores alike (``pipeline.store.dataset.Transaction``).
 """
 
 from __future__ import annotations
@@ -23,40 +20,6 @@ from typing import IO
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_STAGING_MARK = ".staging-"
-
-
-def staging_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_STAGING_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def remove_stale_staging(path: Path) -> None:
-    """Delete staging directories that a killed ingest left beside ``path`` (caller holds the lock)."""
-    for stale in path.parent.glob(f".{path.name}{_STAGING_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def link_copy(src: Path, dst: Path) -> None:
-    """Copy a directory tree, hard-linking chunk files and copying the small JSON metadata."""
-
-    def copy(s: str, d: str) -> None:
-        if s.endswith(".json"):
-            shutil.copy2(s, d)
-        else:
-            try:
-                os.link(s, d)
-            except OSError:
-                shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=copy)
-
-
-def unshare(path: Path) -> None:
-    """Replace a hard-linked file with a private copy, so writing it cannot touch the other links."""
-    if path.exists() and path.stat().st_nlink > 1:
-        tmp = path.with_name(f".{path.name}.unshare-{uuid.uuid4().hex[:8]}")
-        shutil.copy2(path, tmp)
-        os.replace(tmp, path)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -234,7 +234,7 @@ def read_rows(source, start: int, stop: int) -> Leaf:
     them). ``source`` is a ``D@SNAPSHOT`` reference (workers: the version a run trains on) or a transaction's
     session (an append re-reading its partial last chunk); a chunk that fails to decode names itself."""
     if isinstance(source, str):
-        uri, snapshot = location.split_snapshot(source)
+        uri, snapshot = _resolve(source)  # no snapshot named: main's tip now (never a cached, older tip)
         group = _snapshot_group(uri, snapshot)
     else:
         uri, group = "(being written)", zarr.open_group(source.store, mode="r")
@@ -281,6 +281,8 @@ def _open_repo(uri: str):
     """The repository at ``uri``, or a GradpipeError saying why there is none."""
     import icechunk
 
+    if not location.is_remote(uri) and not Path(uri).exists():  # asking Icechunk would create the directory
+        raise GradpipeError(f"dataset {uri} does not exist (create it with `gradpipe ingest`).")
     storage = _storage(uri)
     try:
         exists = icechunk.Repository.exists(storage)
@@ -348,7 +350,8 @@ class Transaction:
         self.uri = location.absolute(str(uri))
         storage = _storage(self.uri)
         try:
-            self.created = not icechunk.Repository.exists(storage)
+            self.created = (not location.is_remote(self.uri) and not Path(self.uri).exists()) or \
+                not icechunk.Repository.exists(storage)
         except Exception as exc:  # noqa: BLE001
             raise GradpipeError(f"cannot reach dataset {self.uri} ({_why(exc)}); check the "
                                 f"URI, AWS_ENDPOINT_URL and the credentials.") from None
@@ -379,7 +382,8 @@ class Transaction:
             return
         p = Path(self.uri)
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            _open_repo(self.uri)  # raises the right message: an old-format dataset, a file, not a dataset
+            if (p / "zarr.json").is_file():
+                _open_repo(self.uri)  # raises: an old plain-Zarr dataset
             raise GradpipeError(f"{self.uri} exists and is not a gradpipe dataset; choose another --dataset.")
 
     @property
