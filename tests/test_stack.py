@@ -200,9 +200,9 @@ def test_the_pipeline_runs_end_to_end_through_the_stack(stack):
     assert sum(after.values()) > sum(before.values()), (before, after)  # the stack's workers did the work
 
     # what the workers wrote is what the CSVs hold, read back by the driver (this process)
-    import zarr
+    from tests.conftest import dataset_group
 
-    group = zarr.open_group(result["ingest"]["dataset"], mode="r")
+    group = dataset_group(result["ingest"]["dataset"])
     X, y = group["X"][:], group["y"][:]
     names = list(group.attrs["feature_names"])
     manifest = group.attrs["manifest"]

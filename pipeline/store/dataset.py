@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,28 +261,13 @@ def _why(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 
 
-@functools.cache
-def _quiet_icechunk() -> None:
-    """Icechunk warns on every local repository that its storage is not safe for concurrent commits; ours
-    are serialized by a lock (``Transaction``), so the warning would only alarm users."""
-    import icechunk
-
-    icechunk.set_logs_filter("error")
-    logging.getLogger("icechunk").setLevel(logging.ERROR)
-
-
-def _storage(uri: str):
-    _quiet_icechunk()
-    return location.icechunk_storage(uri)
-
-
 def _open_repo(uri: str):
     """The repository at ``uri``, or a GradpipeError saying why there is none."""
     import icechunk
 
     if not location.is_remote(uri) and not Path(uri).exists():  # asking Icechunk would create the directory
         raise GradpipeError(f"dataset {uri} does not exist (create it with `gradpipe ingest`).")
-    storage = _storage(uri)
+    storage = location.icechunk_storage(uri)
     try:
         exists = icechunk.Repository.exists(storage)
     except Exception as exc:  # noqa: BLE001 - unreachable endpoint, denied credentials, no bucket
@@ -348,7 +332,7 @@ class Transaction:
         import icechunk
 
         self.uri = location.absolute(str(uri))
-        storage = _storage(self.uri)
+        storage = location.icechunk_storage(self.uri)
         try:
             self.created = (not location.is_remote(self.uri) and not Path(self.uri).exists()) or \
                 not icechunk.Repository.exists(storage)

@@ -13,6 +13,7 @@ Nothing here is ever written into a store or a log line: stores record the URI a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -117,10 +118,21 @@ def filesystem(uri: str | Path):
     return fs, fs._strip_protocol(str(uri))
 
 
+@functools.cache
+def _quiet_icechunk() -> None:
+    """Icechunk warns on every local repository that its storage is not safe for concurrent commits; gradpipe
+    serializes local writers with a lock (``pipeline.store.dataset.Transaction``), so the warning would only
+    alarm users."""
+    import icechunk
+
+    icechunk.set_logs_filter("error")
+
+
 def icechunk_storage(uri: str | Path):
     """The Icechunk ``Storage`` for a dataset at ``uri`` (a directory, or s3/gs/az)."""
     import icechunk
 
+    _quiet_icechunk()
     if not is_remote(uri):
         return icechunk.local_filesystem_storage(absolute(uri))
     proto = protocol(uri)
