@@ -44,6 +44,7 @@ bench: $(STAMP_DEV)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/solvers.py
 	$(BIN)/python bench/tune.py
+	$(BIN)/python bench/object_store.py
 
 clean:
 	rm -rf $(VENV) data/datasets data/runs data/raw data/models

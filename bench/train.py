@@ -296,7 +296,6 @@ def bench_overhead(client, args: argparse.Namespace, work: Path) -> dict:
 def bench_passes(store: Path, client, args: argparse.Namespace, dask_ml_error: str | None) -> dict:
     """The per-iteration methods other than training, interleaved; all data is released on return."""
     import numpy as np
-    import zarr
 
     from pipeline.engine import ChunkEngine
     from pipeline.store.dataset import open_dataset
@@ -309,10 +308,12 @@ def bench_passes(store: Path, client, args: argparse.Namespace, dask_ml_error: s
     coef = theta_std[:d] / scale  # the same model on raw X for the baselines
     times: dict[str, list[float]] = {}
     out: dict = {"rows": ds.n_rows, "features": d, "chunk_rows": ds.chunk_rows, "chunks": ds.n_chunks}
-    group = zarr.open_group(str(store), mode="r")
+    from pipeline.store.dataset import zarr_group
+
+    group = zarr_group(store)
     Xn, yn = group["X"][: ds.n_rows], group["y"][: ds.n_rows]  # the floor's copy, in the driver
     Xd, yd = client.persist([ds.X, ds.y])
-    engine = ChunkEngine(client, store=ds.path, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=d,
+    engine = ChunkEngine(client, store=ds.ref, n_rows=ds.n_rows, chunk_rows=ds.chunk_rows, n_features=d,
                          itemsize=8, persist="yes")
     bounds = engine.layout.bounds
     out["rows_per_worker"] = {w: sum(bounds[p][1] - bounds[p][0] for p in g) for w, g in engine.groups}

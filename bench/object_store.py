@@ -1,0 +1,131 @@
+"""Object storage against local disk, in one run: ingest and streamed training with the data on S3.
+
+Starts a real S3 API server (moto's server mode) on 127.0.0.1, writes the same CSV files locally and to a
+bucket, and measures on one LocalCluster:
+
+- ingest: local files → local dataset, against s3 files → s3 dataset (workers read byte ranges from the
+  store and write chunk objects to it); the two datasets must hold identical X and y;
+- training streamed from the dataset (``persist="no"``: every pass reads every chunk from the store), per
+  iteration: the median of the run store's elapsed-time differences.
+
+Ratios are s3 / local, measured in the same run (the machine is shared and noisy). moto keeps objects in
+memory and answers over loopback HTTP: it measures our request pattern and per-request overheads, not a
+real network's bandwidth.
+
+    .venv/bin/python bench/object_store.py                 # 1,000,000 rows × 20 features
+    .venv/bin/python bench/object_store.py --quick         # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results" / "object_store.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, help="data rows (default 1,000,000; --quick 50,000)")
+    p.add_argument("--features", type=int, default=20)
+    p.add_argument("--files", type=int, default=4)
+    p.add_argument("--iters", type=int, default=15, help="training iterations per run")
+    p.add_argument("--repeats", type=int, default=2, help="ingests per target, median reported")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    args.rows = args.rows or (50_000 if args.quick else 1_000_000)
+    return args
+
+
+def start_s3() -> tuple[object, str]:
+    """The moto server, and the environment every process (workers included) reaches it through."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench-secret", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    return server, os.environ["AWS_ENDPOINT_URL"]
+
+
+def per_iteration(run_uri: str) -> float:
+    from pipeline.store.runs import RunStore
+
+    elapsed = RunStore.open(run_uri).column("elapsed")
+    return statistics.median(b - a for a, b in zip(elapsed[1:-1], elapsed[2:], strict=False))
+
+
+def run(args: argparse.Namespace) -> dict:
+    server, endpoint = start_s3()  # before the cluster: its workers inherit the variables
+    import boto3
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import TrainConfig
+    from pipeline.ingest import ingest
+    from pipeline.store import location
+    from pipeline.store.dataset import open_dataset
+    from pipeline.synth import SynthSpec, make_data
+    from pipeline.training import train
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="gradpipe-bench")
+    work = Path(tempfile.mkdtemp(prefix="gradpipe-bench-s3-"))
+    make_data(SynthSpec(kind="linear", rows=args.rows, features=args.features, files=args.files, format="csv"),
+              work / "raw")
+    files = sorted((work / "raw").glob("*.csv"))
+    fs, _ = location.filesystem("s3://gradpipe-bench")
+    for f in files:
+        fs.put_file(str(f), f"gradpipe-bench/raw/{f.name}")
+    times: dict[str, list[float]] = {"local": [], "s3": []}
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as lc, Client(lc) as client:
+        for i in range(args.repeats):
+            for target in ("local", "s3"):
+                src = [str(f) for f in files] if target == "local" else ["s3://gradpipe-bench/raw/*.csv"]
+                ds = str(work / f"ds{i}.zarr") if target == "local" else f"s3://gradpipe-bench/datasets/ds{i}"
+                t0 = time.perf_counter()
+                ingest(src, ds, "y", client)
+                times[target].append(time.perf_counter() - t0)
+        a, b = open_dataset(work / "ds0.zarr"), open_dataset("s3://gradpipe-bench/datasets/ds0")
+        assert np.array_equal(a.X.compute(), b.X.compute()) and np.array_equal(a.y.compute(), b.y.compute())
+        iters = {}
+        cfg = TrainConfig(solver="gd", max_iter=args.iters, tol=0, gtol=0, persist="no")
+        for target, ds in (("local", str(work / "ds0.zarr")), ("s3", "s3://gradpipe-bench/datasets/ds0")):
+            fit = train(ds, cfg, client=client, runs_dir=work / "runs", run_id=f"it-{target}")
+            iters[target] = per_iteration(fit.run_uri)
+    server.stop()
+    ingest_s = {k: statistics.median(v) for k, v in times.items()}
+    return {"rows": args.rows, "features": args.features, "files": args.files, "workers": args.workers,
+            "csv_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+            "ingest_s": ingest_s, "ingest_ratio": ingest_s["s3"] / ingest_s["local"],
+            "iteration_s": iters, "iteration_ratio": iters["s3"] / iters["local"], "ingest_runs": times}
+
+
+def print_table(res: dict) -> None:
+    print(f"{res['rows']:,} rows × {res['features']} features, {res['files']} CSV files ({res['csv_mb']} MB), "
+          f"{res['workers']} workers")
+    print(f"{'':28}{'local':>10}{'s3 (moto)':>12}{'s3/local':>10}")
+    print(f"{'ingest, s':28}{res['ingest_s']['local']:>10.2f}{res['ingest_s']['s3']:>12.2f}"
+          f"{res['ingest_ratio']:>10.2f}")
+    print(f"{'streamed iteration, s':28}{res['iteration_s']['local']:>10.3f}{res['iteration_s']['s3']:>12.3f}"
+          f"{res['iteration_ratio']:>10.2f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _report import main
+
+    sys.exit(main(parse_args, run, print_table))
