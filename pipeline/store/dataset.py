@@ -452,6 +452,12 @@ def rollback(uri: str | Path, snapshot: str) -> str:
     return tip
 
 
+def zarr_group(spec: str | Path) -> zarr.Group:
+    """The dataset's Zarr group at ``D@SNAPSHOT`` (``D``: main's tip), read-only: for tools that read the
+    arrays directly (benchmarks, notebooks)."""
+    return _snapshot_group(*_resolve(spec))
+
+
 def commit_info(store, info: DatasetInfo) -> None:
     """Write the attrs; the caller commits right after."""
     group = zarr.open_group(store, mode="r+")
