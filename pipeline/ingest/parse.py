@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import GradpipeError
-from pipeline.ingest.sources import Piece, open_source
+from pipeline.ingest.sources import Piece, open_source, parquet_file
 from pipeline.stats import FeatureStats, TargetStats
 from pipeline.store.location import filesystem, is_remote
 
@@ -77,10 +77,19 @@ def piece_meta(parsed: Parsed) -> PieceMeta:
     return parsed.meta
 
 
-def file_sha256(path: str) -> str:
+HASH_BLOCK = 8 * 2**20  # bytes per ranged GET while hashing a remote file: few requests, bounded memory
 
-    with open_source(path) as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+def file_sha256(path: str) -> str:
+    """The file's SHA-256; a remote file is streamed in ranged reads, never held whole."""
+    if not is_remote(path):
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open_source(path, ranged=True) as fh:
+        while block := fh.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def parse_piece(piece: Piece, schema: Schema) -> Parsed:
@@ -151,11 +160,16 @@ def _read_bytes(piece: Piece):
     import pyarrow as pa
 
     if is_remote(piece.path):  # one ranged GET of exactly the piece's bytes
-        fs, path = filesystem(piece.path)
-        return pa.py_buffer(fs.cat_file(path, start=piece.start, end=piece.stop))
+        return pa.py_buffer(_read_range(piece.path, piece.start, piece.stop))
     with pa.OSFile(piece.path) as fh:  # straight into an Arrow buffer: half the cost of a Python read
         fh.seek(piece.start)
         return fh.read_buffer(piece.stop - piece.start)
+
+
+def _read_range(path: str, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a remote file in one ranged GET."""
+    fs, p = filesystem(path)
+    return fs.cat_file(p, start=start, end=stop)
 
 
 def _read_csv(piece: Piece, schema: Schema) -> Table:
@@ -181,9 +195,8 @@ def _read_csv(piece: Piece, schema: Schema) -> Table:
 
 def _first_line_number(piece: Piece) -> int:
     """1-based line number of the piece's first line (counts newlines before it; error path only)."""
-
     count = 0
-    with open_source(piece.path) as fh:
+    with open_source(piece.path, ranged=True) as fh:
         remaining = piece.start
         while remaining > 0:
             block = fh.read(min(remaining, 8 * 2**20))
@@ -287,9 +300,7 @@ def _source_value(piece: Piece, column: str, row: int) -> str | None:
     """The cell as the file holds it ("" for a Parquet null): a value that overflowed the cast to float32
     is named as written (1e+300, "does not fit float32"), not as the inf it became. Error path only."""
     if piece.fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        v = pq.ParquetFile(open_source(piece.path)).read_row_group(piece.start, columns=[column]).column(0)[row].as_py()
+        v = parquet_file(piece.path).read_row_group(piece.start, columns=[column]).column(0)[row].as_py()
         return "" if v is None else str(v)
     if piece.fmt == "npy":
         arr = _npy_rows(piece.path, piece.start + row, piece.start + row + 1)
@@ -299,9 +310,8 @@ def _source_value(piece: Piece, column: str, row: int) -> str | None:
 
 def _read_parquet(piece: Piece, schema: Schema) -> Table:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(open_source(piece.path))  # remote: the footer and this row group's byte ranges
+    pf = parquet_file(piece.path)  # remote: the footer and this row group's byte ranges
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(piece.start))
     used = schema.columns
     try:
@@ -360,15 +370,18 @@ def _npy_rows(path: str, start: int, stop: int) -> np.ndarray:
     if not is_remote(path):
         return np.load(path, mmap_mode="r", allow_pickle=False)[start:stop]
 
-    with open_source(path) as fh:
+    with open_source(path) as fh:  # the header only (small read-ahead blocks): nothing unpickled
         version = np.lib.format.read_magic(fh)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)  # the header only: nothing unpickled
-        if fortran or dtype.hasobject:
-            raise ValueError("only C-ordered numeric .npy files can be read from an object store")
-        row = shape[1] * dtype.itemsize
-        fh.seek(fh.tell() + start * row)
-        data = fh.read((stop - start) * row)
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+    if fortran or dtype.hasobject or len(shape) != 2:
+        raise ValueError("only 2-D, C-ordered numeric .npy files can be read from an object store")
+    row = shape[1] * dtype.itemsize
+    stop = min(stop, shape[0])
+    data = _read_range(path, offset + start * row, offset + stop * row) if stop > start else b""
+    if len(data) != max(0, stop - start) * row:
+        raise ValueError(f"rows {start}..{stop} need {(stop - start) * row} bytes, the object holds {len(data)}")
     return np.frombuffer(data, dtype=dtype).reshape(-1, shape[1])
 
 

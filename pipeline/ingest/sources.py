@@ -23,6 +23,7 @@ from pipeline.store import location
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
 COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 PIECE_BYTES = 32 * 2**20  # bytes of raw input per parse task: bounds a task's memory whatever the file size
+HEADER_BLOCK = 2**16  # bytes per remote read while reading a header or looking for a line end
 
 
 @dataclass(frozen=True)
@@ -77,50 +78,80 @@ def _check_suffix(path: str) -> None:
 
 
 def _discover_remote(src: str) -> list[str]:
-    """A URI, a glob or a "directory" prefix on an object store, as full URIs."""
+    """A URI, a glob or a "directory" prefix on an object store, as full URIs, with the local errors."""
     fs, path = location.filesystem(src)
     scheme = location.protocol(src)
+    fs.invalidate_cache()  # listings cached earlier in this process would hide objects added since
+    found: list[str] = []
     try:
         if glob.has_magic(path):
-            matches = sorted(fs.glob(path))
+            matches = [(m, f"{scheme}://{m}") for m in sorted(fs.glob(path))]
             if not matches:
                 raise GradpipeError(f"no files match {src!r}.")
-            out = [m for m in matches if not fs.isdir(m)]
-        elif fs.isfile(path):
-            out = [path]
-        elif fs.isdir(path):
-            out = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in FORMATS)
-            if not out:
-                raise GradpipeError(f"{src} holds no .csv, .parquet or .npy files.")
         else:
-            raise GradpipeError(f"{src} does not exist.")
-    except (OSError, PermissionError) as exc:
+            matches = [(path, src)]
+        for m, shown in matches:
+            if fs.isfile(m):
+                _check_suffix(shown)
+                found.append(f"{scheme}://{m}")
+            elif fs.isdir(m):
+                found.extend(f"{scheme}://{p}" for p in _remote_directory(fs, m, shown.rstrip("/")))
+            else:
+                raise GradpipeError(f"{shown} does not exist.")
+    except OSError as exc:
         raise GradpipeError(f"cannot list {src} ({exc}); check the URI, AWS_ENDPOINT_URL and the "
                             f"credentials.") from None
-    uris = [f"{scheme}://{p}" for p in out]
-    for u in uris:
-        _check_suffix(u)
-    return uris
+    return found
 
 
-def open_source(path: str, mode: str = "rb") -> IO[bytes]:
-    """A source file opened for reading: a local file, or an fsspec file that fetches byte ranges."""
+def _remote_directory(fs, path: str, shown: str) -> list[str]:
+    """The supported objects under a prefix; compressed sources refused as for a local directory."""
+    keys = sorted(fs.find(path))
+    packed = [f"{shown}/{k[len(path):].lstrip('/')}" for k in keys if PurePosixPath(k).suffix.lower() in COMPRESSED
+              and PurePosixPath(PurePosixPath(k).stem).suffix.lower() in FORMATS]
+    if packed:
+        raise GradpipeError(f"directory {shown} holds compressed files ingest cannot split into "
+                            f"pieces: {', '.join(packed[:3])}{' …' if len(packed) > 3 else ''} (decompress "
+                            "them, e.g. `gunzip -k`, or name the other files explicitly).")
+    inside = [k for k in keys if PurePosixPath(k).suffix.lower() in FORMATS]
+    if not inside:
+        raise GradpipeError(f"directory {shown} holds no .csv, .parquet or .npy files.")
+    return inside
+
+
+def remote_file(path: str):
+    """``(fs, path)`` for a URI, with anything this process cached about the object dropped: s3fs answers
+    ``info``/``size`` from listings it cached earlier, which would hide a rewritten object."""
+    fs, p = location.filesystem(path)
+    fs.invalidate_cache(p)
+    return fs, p
+
+
+def open_source(path: str, *, ranged: bool = False) -> IO[bytes]:
+    """A source file opened for reading: a local file, or an fsspec file that fetches byte ranges.
+
+    Remote reads never use s3fs's default 50 MiB read-ahead block (a ``readline`` would fetch a whole small
+    file): ``ranged`` files fetch exactly what each read asks for (Parquet column chunks, hashing), the others
+    small read-ahead blocks (headers, finding line ends).
+    """
     if location.is_remote(path):
-        fs, p = location.filesystem(path)
-        return fs.open(p, mode)
-    return open(path, mode)
+        fs, p = remote_file(path)
+        if ranged:
+            return fs.open(p, "rb", cache_type="none")
+        return fs.open(p, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+    return open(path, "rb")
 
 
 def source_size(path: str) -> int:
     if location.is_remote(path):
-        fs, p = location.filesystem(path)
+        fs, p = remote_file(path)
         return int(fs.size(p))
     return Path(path).stat().st_size
 
 
 def _is_file(path: str) -> bool:
     if location.is_remote(path):
-        fs, p = location.filesystem(path)
+        fs, p = remote_file(path)
         return fs.isfile(p)
     return Path(path).is_file()
 
@@ -151,7 +182,7 @@ def read_columns(path: str) -> list[str]:
         if not columns or not any(columns):
             raise GradpipeError(f"{path}: line 1 is not a header row.")
     elif fmt == "parquet":
-        columns = _parquet_file(path).schema_arrow.names
+        columns = parquet_file(path).schema_arrow.names
     else:
         shape, dtype = _npy_header(path)
         if len(shape) != 2:
@@ -166,11 +197,13 @@ def read_columns(path: str) -> list[str]:
     return columns
 
 
-def _parquet_file(path: str):
+def parquet_file(path: str):
+    """A ``ParquetFile``: a local path as pyarrow opens it natively; a URI through an fsspec file of exact
+    byte ranges, so only the footer (and later the row groups asked for) are fetched."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(open_source(path))
+        return pq.ParquetFile(open_source(path, ranged=True) if location.is_remote(path) else path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise GradpipeError(f"{path}: unreadable Parquet file ({exc}).") from None
 
@@ -181,10 +214,13 @@ def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
             version = np.lib.format.read_magic(fh)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(fh)  # the header only: no data read, nothing unpickled
+            shape, fortran, dtype = read(fh)  # the header only: no data read, nothing unpickled
             offset = fh.tell()
     except Exception as exc:  # noqa: BLE001
         raise GradpipeError(f"{path}: not a valid .npy file ({exc}).") from None
+    if fortran and location.is_remote(path):  # a row range of a Fortran-ordered array is not one byte range
+        raise GradpipeError(f"{path}: a Fortran-ordered .npy cannot be read by row ranges from an object "
+                            f"store; save it with np.save(path, np.ascontiguousarray(a)).")
     _check_npy_size(path, shape, dtype, offset)
     return shape, dtype
 
@@ -209,7 +245,7 @@ def plan_pieces(path: str, columns: list[str]) -> tuple[list[Piece], int]:
     if fmt == "csv":
         pieces, bound = _plan_csv(path, size, tuple(columns))
     elif fmt == "parquet":
-        meta = _parquet_file(path).metadata
+        meta = parquet_file(path).metadata
         pieces = [Piece(str(path), fmt, i, i, i + 1, tuple(columns)) for i in range(meta.num_row_groups)]
         bound = meta.num_rows
     else:
@@ -237,14 +273,27 @@ def _plan_csv(path: str, size: int, columns: tuple[str, ...]) -> tuple[list[Piec
             fh.seek(target)
             fh.readline()  # move to the start of the next line so no row is split
             bounds.append(min(fh.tell(), size))
-    with open_source(path) as fh:
-        fh.seek(start)
-        if not fh.read(PIECE_BYTES).strip():
-            return [], 0
+    if not _has_data(path, start, min(size, start + PIECE_BYTES)):
+        return [], 0
     pieces = [Piece(str(path), "csv", i, a, b, columns) for i, (a, b) in enumerate(pairwise(bounds)) if b > a]
     # A row holds n_columns-1 separators and a newline, so at least n_columns bytes even with empty cells
     # (the last line may lack its newline: +1). Blank lines hold no row.
     return pieces, (size - start) // len(columns) + 1
+
+
+def _has_data(path: str, start: int, stop: int) -> bool:
+    """Whether bytes ``[start, stop)`` hold anything but whitespace, read in small blocks that stop at the first
+    non-blank one (almost always the first block, rather than a whole piece fetched from an object store)."""
+    with open_source(path) as fh:
+        fh.seek(start)
+        while start < stop:
+            block = fh.read(min(HEADER_BLOCK, stop - start))
+            if not block:
+                return False
+            if block.strip():
+                return True
+            start += len(block)
+    return False
 
 
 def file_identity(path: str) -> dict[str, int | float | str]:
@@ -255,11 +304,11 @@ def file_identity(path: str) -> dict[str, int | float | str]:
     modification time and ETag (a rewritten object gets a new ETag).
     """
     if location.is_remote(path):
-        fs, p = location.filesystem(path)
+        fs, p = remote_file(path)
         info = fs.info(p)
         modified = info.get("LastModified") or info.get("mtime")
-        return {"size": int(info["size"]), "mtime": modified.timestamp() if hasattr(modified, "timestamp") else 0.0,
-                "etag": str(info.get("ETag") or info.get("etag") or "")}
+        mtime = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0.0)
+        return {"size": int(info["size"]), "mtime": mtime, "etag": str(info.get("ETag") or info.get("etag") or "")}
     st = Path(path).stat()
     return {"size": st.st_size, "mtime": st.st_mtime, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
             "inode": st.st_ino}
