@@ -29,6 +29,7 @@ from pipeline.engine import ChunkEngine
 from pipeline.errors import GradpipeError
 from pipeline.families import Family
 from pipeline.objective import invalid_targets
+from pipeline.store import location
 from pipeline.store.dataset import open_dataset
 from pipeline.store.runs import RunStore
 
@@ -39,7 +40,12 @@ def _metrics(X, y, w, offset, family: Family, theta, mean, scale, center: float)
 
 
 # ---- run access ------------------------------------------------------------------------------------
-def _final_row(store: RunStore, path: Path) -> int:
+def _run_location(run: str | Path) -> str | Path:
+    """A local run store as a ``Path`` (as messages have always named it), a URI as it is."""
+    return str(run) if location.is_remote(run) else Path(run)
+
+
+def _final_row(store: RunStore, path: str | Path) -> int:
     t = store.committed
     if t < 0:
         raise GradpipeError(f"run {path} has no committed iteration yet; there is no model to use.")
@@ -48,7 +54,7 @@ def _final_row(store: RunStore, path: Path) -> int:
 
 def load_model(run: str | Path) -> dict[str, Any]:
     """The run's final model in the ORIGINAL feature space (what predict/export need; no cluster)."""
-    path = Path(run)
+    path = _run_location(run)
     store = RunStore.open(path)
     t = _final_row(store, path)
     meta = store.dataset
@@ -62,7 +68,7 @@ def load_model(run: str | Path) -> dict[str, Any]:
         "power": getattr(store.family, "power", None),  # the log-link families carry their variance power
         "offset": meta.offset,  # the offset column predictions add to z (None: none)
         "weight": meta.weight,
-        "run_id": path.name.removesuffix(".zarr"),
+        "run_id": store.run_id,
         "status": store.status,
         "n_iter": t,
         "loss": float(store.row("loss", t)),
@@ -77,20 +83,20 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
     linear → ``{n, mse, rmse, r2, deviance, null_deviance}``; logistic → ``{n, log_loss, accuracy, roc_auc,
     roc_auc_max_error, deviance, null_deviance}`` (see the module docstring for the AUC bound).
     """
-    path = Path(run)
+    path = _run_location(run)
     store = RunStore.open(path)
     t = _final_row(store, path)
     meta = store.dataset
     family = store.family
     ds = open_dataset(dataset)
     if list(ds.feature_names) != list(meta.feature_names):
-        raise GradpipeError(f"dataset {ds.path} has features {ds.feature_names}, but run {path.name} was "
+        raise GradpipeError(f"dataset {ds.path} has features {ds.feature_names}, but run {store.run_id} was "
                             f"trained on {meta.feature_names}; evaluate on a dataset with the same columns "
                             f"in the same order.")
     if ds.n_rows == 0:
         raise GradpipeError(f"dataset {ds.path} has no rows to evaluate on.")
     if meta.offset and not ds.has_offset:
-        raise GradpipeError(f"run {path.name} was trained with the offset column {meta.offset!r}, which dataset "
+        raise GradpipeError(f"run {store.run_id} was trained with the offset column {meta.offset!r}, which dataset "
                             f"{ds.path} lacks; ingest it with --offset {meta.offset}.")
     theta = np.asarray(store.row("theta", t), dtype=np.float64)
     mean, scale = meta.arrays()
@@ -102,7 +108,7 @@ def evaluate(run: str | Path, dataset: str | Path, client: Client, *, fan_in: in
             raise GradpipeError(f"target {ds.target!r} of {ds.path} holds {int(bad)} values outside "
                                 f"{family.y_domain()}; a {family.name} model can only be evaluated on those.")
         sums = engine.map_reduce(_metrics, family, theta, mean, scale, sum_y / n)
-        out: dict[str, Any] = {"run": path.name.removesuffix(".zarr"), "dataset": ds.path, "model": family.name,
+        out: dict[str, Any] = {"run": store.run_id, "dataset": ds.path, "model": family.name,
                                "iteration": t, "n": int(n)}
         out.update(family.metrics(sums[1:], float(sums[0])))
         return out

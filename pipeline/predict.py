@@ -1,8 +1,11 @@
 """Batch predictions from a run's final model: CSV/Parquet in, the same rows plus predictions out.
 
 Streams record batches (pyarrow), so memory is one batch whatever the file size, and needs no cluster:
-a prediction is one mat-vec per batch. The output is written under a temporary name beside the target and
-renamed into place, so a crash never leaves a half-written file where a finished one is expected.
+a prediction is one mat-vec per batch. Input and output may be local paths or object-store URIs
+(``s3://…``), read and written through fsspec in blocks, never staged whole. A local output is written under
+a temporary name beside the target and renamed into place; an object is uploaded as one PUT or multipart
+upload, which the store makes visible only when it completes (a failed prediction aborts it). Either way a
+crash never leaves a half-written file where a finished one is expected.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import GradpipeError
 from pipeline.evaluate import load_model
 from pipeline.families import get_family
+from pipeline.store import location
 from pipeline.store.runs import RunStore
 
 BATCH_ROWS = 65_536
@@ -33,9 +37,9 @@ CSV_BLOCK_BYTES = 4 << 20
 OUTPUT_COLUMNS = ("prediction", "label")
 
 
-def file_kind(path: Path) -> str:
+def file_kind(path: str | Path) -> str:
     """'csv' or 'parquet' from the extension (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``)."""
-    name = path.name.lower()
+    name = location.name(path).lower()
     if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst")):
         return "csv"
     if name.endswith((".parquet", ".pq")):
@@ -43,9 +47,28 @@ def file_kind(path: Path) -> str:
     raise GradpipeError(f"{path}: unknown file type; use a .csv or .parquet file.")
 
 
-def _csv_rows(path: Path) -> Iterator[list[str]]:
+def _arrow_fs(path: str | Path):
+    """``(pyarrow filesystem, path in it)`` for a URI: fsspec's filesystem seen by pyarrow, which then reads it
+    in ranges and blocks like a local file."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, where = location.filesystem(path)
+    return PyFileSystem(FSSpecHandler(fs)), where
+
+
+def _csv_source(path: str | Path):
+    """What pyarrow's CSV reader opens: a local path (compression from its extension) or a stream of the
+    object, decompressed the same way."""
+    if not location.is_remote(path):
+        return str(path)
+    afs, where = _arrow_fs(path)
+    return afs.open_input_stream(where, compression="detect")
+
+
+def _csv_rows(path: str | Path) -> Iterator[list[str]]:
     """Python's csv module over the (possibly compressed) file: the header, and the slow exact scan."""
-    with pa.input_stream(str(path), compression="detect") as raw, \
+    source = _csv_source(path)
+    with (pa.input_stream(source, compression="detect") if isinstance(source, str) else source) as raw, \
             io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
         yield from csv.reader(fh)
 
@@ -67,10 +90,14 @@ def _csv_bad_cell(path: Path, features: list[str]) -> tuple[int, str, str] | Non
     return None
 
 
-def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def _batches(path: str | Path, kind: str, features: list[str]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     if kind == "parquet":
         try:
-            pf = pq.ParquetFile(str(path))
+            if location.is_remote(path):
+                afs, where = _arrow_fs(path)
+                pf = pq.ParquetFile(afs.open_input_file(where))  # random access: footer, then row groups
+            else:
+                pf = pq.ParquetFile(str(path))
         except (OSError, pa.ArrowException) as exc:
             raise GradpipeError(f"{path}: cannot read as Parquet ({exc}).") from None
         return pf.schema_arrow, pf.iter_batches(batch_size=BATCH_ROWS)
@@ -86,7 +113,7 @@ def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Ite
         header = next(_csv_rows(path), [])
         # Features are parsed as float64 by pyarrow (fast path); other columns keep their inferred types.
         types = {f: pa.float64() for f in features if f in header}
-        reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        reader = pacsv.open_csv(_csv_source(path), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 convert_options=pacsv.ConvertOptions(column_types=types))
     except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:
         raise refused(exc) from None
@@ -104,7 +131,7 @@ def _batches(path: Path, kind: str, features: list[str]) -> tuple[pa.Schema, Ite
     return reader.schema, gen()
 
 
-def _as_float(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
+def _as_float(col: pa.Array, name: str, path: str | Path, row0: int) -> np.ndarray:
     """One feature column as float64, or a GradpipeError naming the first bad row (1-based) and column."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -140,9 +167,9 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     """
     RunStore.open(run).require_model()  # a missing or non-finite coefficient would predict NaN
     model = load_model(run)
-    src, dst = Path(input), Path(out)
+    src, dst = _location(input), _location(out)
     kind_in, kind_out = file_kind(src), file_kind(dst)
-    if not src.exists():
+    if not _exists(src):
         raise GradpipeError(f"input {src} does not exist.")
     features = model["feature_names"]
     coef, intercept = model["coef"], model["intercept"]
@@ -157,19 +184,17 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     keep = [f for f in schema if f.name not in OUTPUT_COLUMNS]
     added = [pa.field("prediction", pa.float64())] + ([pa.field("label", pa.int64())] if family.classifier else [])
     out_schema = pa.schema(keep + added)  # no input metadata: it would describe other columns
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     rows = 0
-    try:
+    with _completed(dst) as sink:
         try:  # an unwritable --out is the user's to fix: named, no traceback, no temporary file left
-            dst.parent.mkdir(parents=True, exist_ok=True)
             if kind_out == "csv":
                 # Arrow quotes every header name by default; write it plain like the input, quoting only a
                 # name that needs it (a comma, quote or newline in it).
                 plain = not any(set(n) & set(',"\r\n') for n in out_schema.names)
                 opts = pacsv.WriteOptions(quoting_header="none" if plain else "needed")
-                writer: Any = pacsv.CSVWriter(str(tmp), out_schema, write_options=opts)
+                writer: Any = pacsv.CSVWriter(sink, out_schema, write_options=opts)
             else:
-                writer = pq.ParquetWriter(str(tmp), out_schema)
+                writer = pq.ParquetWriter(sink, out_schema)
         except (OSError, pa.ArrowException) as exc:
             raise GradpipeError(f"cannot write {dst}: {getattr(exc, 'strerror', None) or exc}.") from None
         with writer:
@@ -184,6 +209,48 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
                     cols.append(pa.array((z > 0).astype(np.int64)))
                 writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=out_schema))
                 rows += batch.num_rows
+    return {"run_id": model["run_id"], "model": model["model"], "input": str(src), "out": str(dst), "rows": rows}
+
+
+def _location(path: str | Path) -> str | Path:
+    """A local path as a ``Path`` (as the summary has always printed it), a URI as it is."""
+    return str(path) if location.is_remote(path) else Path(path)
+
+
+def _exists(path: str | Path) -> bool:
+    fs, where = location.filesystem(path)
+    return bool(fs.exists(where))
+
+
+@contextlib.contextmanager
+def _completed(dst: str | Path) -> Iterator[Any]:
+    """A sink (a path or a file) that becomes ``dst`` only when the block ends without an error.
+
+    Locally: a temporary file beside ``dst``, renamed over it. On an object store: fsspec's upload of ``dst``
+    (one PUT, or a multipart upload for a large file), completed by closing it; a failure aborts it instead
+    (closing, even by the garbage collector, would publish the rows written so far).
+    """
+    if location.is_remote(dst):
+        fs, where = location.filesystem(dst)
+        fobj = fs.open(where, "wb")
+        try:
+            yield pa.PythonFile(fobj, mode="w")
+        except BaseException:
+            _abandon(fobj)
+            raise
+        try:
+            fobj.close()
+        except OSError as exc:
+            raise GradpipeError(f"cannot write {dst}: {exc}.") from None
+        return
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GradpipeError(f"cannot write {dst}: {exc.strerror or exc}.") from None
+        yield str(tmp)
         try:
             os.replace(tmp, dst)
         except OSError as exc:  # --out names a directory
@@ -191,4 +258,11 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path) -> dict[st
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    return {"run_id": model["run_id"], "model": model["model"], "input": str(src), "out": str(dst), "rows": rows}
+
+
+def _abandon(fobj: Any) -> None:
+    """Throw an unfinished upload away: abort it (s3fs: the multipart upload) and mark the file closed, so
+    that nothing closes (and so completes) it later."""
+    with contextlib.suppress(Exception):
+        fobj.discard()
+    fobj.closed = True

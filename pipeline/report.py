@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import GradpipeError
 from pipeline.inference import table
+from pipeline.store import location
 from pipeline.store.runs import REPORT_GROUP, RunStore
 
 
@@ -114,13 +117,24 @@ def loss_curve_figure(store: RunStore):
     return fig
 
 
-def loss_curve_png(store: RunStore, out: Path) -> Path:
+def loss_curve_png(store: RunStore, out: str | Path) -> str | Path:
     """Write the loss-curve figure as a PNG at ``out`` (atomically: a temporary file renamed over it)."""
-    return save_png(loss_curve_figure(store), Path(out))
+    return save_png(loss_curve_figure(store), out)
 
 
-def save_png(fig, out: Path) -> Path:
-    """Write a figure as a PNG at ``out`` atomically: a temporary file renamed over it."""
+def save_png(fig, out: str | Path) -> str | Path:
+    """Write a figure as a PNG at ``out`` atomically: locally a temporary file renamed over it; on an object
+    store one PUT of the whole picture (an object is never seen half-written)."""
+    if location.is_remote(out):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+        fs, path = location.filesystem(out)
+        try:
+            fs.pipe_file(path, buf.getvalue())
+        except OSError as exc:
+            raise GradpipeError(f"cannot write {out}: {exc}.") from None
+        return str(out)
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
@@ -130,19 +144,24 @@ def save_png(fig, out: Path) -> Path:
     return out
 
 
-def loss_curve_path(store_path: str | Path) -> Path:
-    """Where a run's loss curve lives: ``<store>/report/loss_curve.png``."""
+def loss_curve_path(store_path: str | Path) -> str | Path:
+    """Where a run's loss curve lives: ``<store>/report/loss_curve.png`` (a ``Path`` for a local store)."""
+    if location.is_remote(store_path):
+        return location.join(store_path, REPORT_GROUP, LOSS_CURVE_FILE)
     return Path(store_path) / REPORT_GROUP / LOSS_CURVE_FILE
 
 
-def write_loss_curve(store_path: str | Path) -> Path:
+def write_loss_curve(store_path: str | Path) -> str | Path:
     """Write the run's loss curve inside its store, at ``loss_curve_path`` (what ``gradpipe train`` calls):
     in the store's report group (:meth:`RunStore.report_dir`), so the arrays are untouched. Rewriting it
     after a resume replaces the old picture."""
     store = RunStore.open(store_path)
-    return loss_curve_png(store, store.report_dir() / LOSS_CURVE_FILE)
+    report = store.report_dir()
+    out = location.join(report, LOSS_CURVE_FILE) if location.is_remote(report) else Path(report) / LOSS_CURVE_FILE
+    return loss_curve_png(store, out)
 
 
 def loss_curve_data_uri(png_path: str | Path) -> str:
     """The PNG as a ``data:image/png;base64,…`` URI: a markdown ``![](…)`` the Prefect UI renders inline."""
-    return "data:image/png;base64," + base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
+    fs, path = location.filesystem(png_path)
+    return "data:image/png;base64," + base64.b64encode(fs.cat_file(path)).decode("ascii")

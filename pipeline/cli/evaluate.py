@@ -13,7 +13,7 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                        description="Compute metrics of RUN's final θ on DATASET with the Dask cluster: "
                                    "linear → n, mse, rmse, r2; logistic → n, log_loss, accuracy, roc_auc "
                                    "(from logit histograms, with a bound on its error).")
-    p.add_argument("--run", required=True, help="run id (in --runs-dir) or path to a .zarr run store")
+    p.add_argument("--run", required=True, help="run id (in --runs-dir) or path/URI of a .zarr run store")
     p.add_argument("--dataset", required=True, help="dataset store with the run's feature columns")
     add_runs_dir(p)
     p.add_argument("--scheduler", help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or local)")
@@ -23,10 +23,10 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import resolve_run
     from pipeline.cluster import dask_client
     from pipeline.evaluate import evaluate
     from pipeline.store.dataset import read_info
+    from pipeline.store.runs import resolve_run
 
     path = resolve_run(args.run, args.runs_dir)
     read_info(args.dataset)  # a missing or wrong dataset fails before a cluster starts

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.cli._common import add_runs_dir
 from pipeline.errors import GradpipeError
+from pipeline.store import location
 
 FORMAT = "gradpipe.model/1"
 
@@ -21,13 +22,13 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                        description="Write RUN's final model (original feature space: prediction = "
                                    "x·coef + intercept, through the sigmoid for logistic) with its provenance "
                                    f"to a JSON file (format {FORMAT!r}).")
-    p.add_argument("run", metavar="RUN", help="run id (in --runs-dir) or path to a .zarr run store")
-    p.add_argument("--out", required=True, help="output JSON file (written atomically)")
+    p.add_argument("run", metavar="RUN", help="run id (in --runs-dir) or path/URI of a .zarr run store")
+    p.add_argument("--out", required=True, help="output JSON file or object URI (written atomically)")
     add_runs_dir(p)
     p.set_defaults(func=run)
 
 
-def model_document(path: Path) -> dict[str, Any]:
+def model_document(path: str | Path) -> dict[str, Any]:
     """The export document: everything needed to predict, plus where the model came from."""
     from pipeline.evaluate import load_model
     from pipeline.store.runs import RunStore
@@ -48,9 +49,18 @@ def model_document(path: Path) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(doc: dict[str, Any], out: Path) -> None:
+def write_json_atomic(doc: dict[str, Any], out: str | Path) -> None:
     """Temp file beside ``out``, fsync, rename: readers see the old file or the whole new one. A path that
-    cannot be written is a :class:`GradpipeError` naming it, and leaves no temporary file behind."""
+    cannot be written is a :class:`GradpipeError` naming it, and leaves no temporary file behind. An object
+    URI (``s3://…``) is one PUT of the whole document, which is atomic in itself."""
+    if location.is_remote(out):
+        fs, where = location.filesystem(out)
+        try:
+            fs.pipe_file(where, (json.dumps(doc, indent=2, allow_nan=True) + "\n").encode())
+        except OSError as exc:
+            raise GradpipeError(f"cannot write {out}: {exc}.") from None
+        return
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,11 +78,11 @@ def write_json_atomic(doc: dict[str, Any], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import resolve_run
+    from pipeline.store.runs import resolve_run
 
     path = resolve_run(args.run, args.runs_dir)
     doc = model_document(path)
-    write_json_atomic(doc, Path(args.out))
+    write_json_atomic(doc, args.out if location.is_remote(args.out) else Path(args.out))
     print(f"exported run {doc['run_id']} ({doc['model']}, {len(doc['selected_features'])} of {len(doc['coef'])} "
           f"features selected, iteration "
           f"{doc['n_iter']}, {doc['status']}) to {args.out}")

@@ -26,7 +26,7 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     ls.set_defaults(func=run_list)
     show = rsub.add_parser("show", parents=[parent], help="a run's settings and loss history",
                            description="Config summary and the history table (t, loss, |g|, lr, elapsed).")
-    show.add_argument("run", metavar="RUN", help="run id (in --runs-dir) or path to a .zarr run store")
+    show.add_argument("run", metavar="RUN", help="run id (in --runs-dir) or path/URI of a .zarr run store")
     add_runs_dir(show)
     show.add_argument("--every", type=int, metavar="K", help="show every K-th row plus the last (default: all)")
     show.add_argument("--json", action="store_true", help="print settings and history as JSON")
@@ -38,8 +38,9 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def summary(path: Path) -> dict[str, Any]:
+def summary(path: str | Path) -> dict[str, Any]:
     """The one-line facts about a run store (no history arrays beyond the final row)."""
+    from pipeline.store import location
     from pipeline.store.runs import RunStore
 
     store = RunStore.open(path)
@@ -47,21 +48,23 @@ def summary(path: Path) -> dict[str, Any]:
     # committed = -1: killed between store creation and row 0 (a new run with its id reclaims it).
     status = "not started" if t < 0 and store.status == "running" else store.status
     return {
-        "run_id": path.name.removesuffix(".zarr"), "status": status, "n_iter": max(t, 0),
+        "run_id": store.run_id, "status": status, "n_iter": max(t, 0),
         "loss": _num(store.row("loss", t)) if t >= 0 else None, "model": store.model,
-        "solver": store.solver, "dataset": Path(store.dataset.uri.rstrip("/")).name,
+        "solver": store.solver, "dataset": location.name(store.dataset.uri),
         "started": store.started, "path": str(path),
     }
 
 
 def run_list(args: argparse.Namespace) -> int:
     from pipeline.errors import GradpipeError
+    from pipeline.store.runs import list_runs
 
-    root = Path(args.runs_dir)
-    if not root.is_dir():
+    root = args.runs_dir
+    stores = list_runs(root)
+    if stores is None:
         raise GradpipeError(f"runs directory {root} does not exist (train a model with `gradpipe train`).")
     rows = []
-    for path in sorted(root.glob("*.zarr")):
+    for path in stores:
         try:
             rows.append(summary(path))
         except (GradpipeError, KeyError, OSError) as exc:  # one broken store must not hide the others
@@ -92,9 +95,8 @@ def _history_rows(store, every: int | None) -> np.ndarray:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pipeline.cli._common import resolve_run
     from pipeline.errors import GradpipeError
-    from pipeline.store.runs import RunStore
+    from pipeline.store.runs import RunStore, resolve_run
 
     if args.every is not None and args.every < 1:
         raise GradpipeError(f"--every must be ≥ 1, not {args.every}.")

@@ -103,6 +103,11 @@ def _fsspec_options(proto: str) -> dict[str, Any]:
     return opts
 
 
+def fsspec_options(uri: str | Path) -> dict[str, Any]:
+    """The fsspec ``storage_options`` for ``uri`` (what ``zarr.storage.FsspecStore.from_url`` takes)."""
+    return _fsspec_options(protocol(uri)) if is_remote(uri) else {}
+
+
 def filesystem(uri: str | Path):
     """``(fs, path)``: the fsspec filesystem and the path inside it (local paths: the local filesystem)."""
     import fsspec

@@ -23,10 +23,19 @@ count yet. Every chunk carries a crc32c checksum (stores from before it have non
 bit, a truncated or deleted chunk, a garbage ``zarr.json`` is a :class:`GradpipeError` naming the array and
 chunk, never silent numbers (Zarr reads a missing chunk as the NaN fill). ``--resume`` verifies the rows it
 restores (:meth:`RunStore.last_intact_row`) and rewinds past damaged ones (:meth:`RunStore.rewind`).
+
+A run store lives on a local disk or an object store (``s3://bucket/runs/<run>.zarr``); the same guarantees
+hold on both. Locally, Zarr's LocalStore writes every file to a temporary name and renames it into place, so
+a kill never tears a chunk or ``zarr.json``. On an object store a PUT is atomic (the object appears whole or
+not at all) and reads after it are strongly consistent (S3, GCS, Azure), so "the data chunks first, then the
+``zarr.json`` attrs with ``committed``" means the same thing: a reader that trusts ``committed`` only reads
+rows whose chunks are durable. Existence checks, listings and deletions go through the location's fsspec
+filesystem (the local one behaves like the ``Path`` calls they replace).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -40,6 +49,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import GradpipeError
+from pipeline.store import location
 
 FORMAT_VERSION = 1
 SCALARS = ("loss", "grad_norm", "lr", "elapsed", "passes")
@@ -69,24 +79,87 @@ class DatasetRef:
 def run_lock(path: str | Path) -> Iterator[None]:
     """Held for the life of a training or resume on the run store ``path``: a second writer is refused.
 
-    The dataset lock's flock (a sibling ``.<run>.zarr.lock`` file): the OS drops it when its process
-    dies, so a killed run never blocks the next resume.
+    A sibling ``.<run>.zarr.lock`` (:mod:`pipeline.store.locks`): an flock on a local disk, which the OS
+    drops when its process dies, or a heartbeat lease on an object store, which a later writer takes over
+    once its heartbeat is a minute old, so a killed run never blocks the next resume for long.
     """
-    from pipeline.store.atomic import locked
+    from pipeline.store import locks
 
-    path = Path(path)
     try:
-        with locked(path):
+        with locks.locked(path):
             try:
                 yield
             finally:
-                if not path.exists():  # a run that failed to start leaves nothing behind, not even its lock
-                    (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
+                if not store_exists(path):  # a run that failed to start leaves nothing behind, not even its lock
+                    locks.remove_lock(path)
     except GradpipeError as exc:
         if "another gradpipe process" not in str(exc):
             raise
-        raise GradpipeError(f"run {Path(path).name.removesuffix('.zarr')} is being trained or resumed by "
+        raise GradpipeError(f"run {location.name(path).removesuffix('.zarr')} is being trained or resumed by "
                             f"another gradpipe process; wait for it to finish.") from None
+
+
+def run_path(runs_dir: str | Path, run_id: str) -> str:
+    """Where run ``run_id`` of ``runs_dir`` lives (a path or a URI: ``Path`` would fold ``s3://``)."""
+    return location.join(runs_dir, f"{run_id}.zarr")
+
+
+def store_exists(path: str | Path) -> bool:
+    """Whether anything (even a half-created store) is at ``path``."""
+    fs, where = location.filesystem(path)
+    fs.invalidate_cache()
+    return bool(fs.exists(where))
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a run store and everything in it (missing: nothing to do)."""
+    fs, where = location.filesystem(path)
+    fs.invalidate_cache()
+    if fs.exists(where):
+        fs.rm(where, recursive=True)
+
+
+def list_runs(runs_dir: str | Path) -> list[str] | None:
+    """The ``*.zarr`` stores in ``runs_dir``, sorted (None: no such directory; an empty bucket prefix is a
+    directory with no runs, as object stores have no directories)."""
+    fs, where = location.filesystem(runs_dir)
+    fs.invalidate_cache()
+    if not location.is_remote(runs_dir) and not fs.isdir(where):
+        return None
+    if location.is_remote(runs_dir) and fs.isfile(where):
+        return None
+    try:
+        entries = fs.ls(where, detail=False)
+    except FileNotFoundError:
+        return [] if location.is_remote(runs_dir) else None
+    names = sorted(location.name(e) for e in entries if str(e).rstrip("/").endswith(".zarr"))
+    return [location.join(runs_dir, n) for n in names]
+
+
+def resolve_run(run: str | Path, runs_dir: str | Path) -> str | Path:
+    """A run id (looked up in ``runs_dir``) or a path/URI of a ``.zarr`` run store → the store's location
+    (a ``Path`` for a local one, as callers compare and print it). An existing location wins, so
+    ``data/runs/x.zarr`` and ``x`` name the same run; a miss says where it looked."""
+    text = str(run).rstrip("/")
+    local = not location.is_remote(text)
+    if (text.endswith(".zarr") or "/" in text) and store_exists(text):
+        return Path(text) if local else text
+    by_id = run_path(runs_dir, text.removesuffix(".zarr"))
+    if store_exists(by_id):
+        return Path(by_id) if not location.is_remote(by_id) else by_id
+    if RunStore.has_metadata(text):
+        return Path(text) if local else text
+    raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
+                        f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
+
+
+def _zarr_store(path: str, read_only: bool = False):
+    """What Zarr opens: the local path itself (its LocalStore, temp+rename writes) or an FsspecStore."""
+    if not location.is_remote(path):
+        return path
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(path, storage_options=location.fsspec_options(path), read_only=read_only)
 
 
 CHUNK_BYTES = 256 * 2**10  # per-iteration arrays: many rows per chunk (a 10,000-iteration run is ~100 files)
@@ -106,10 +179,25 @@ def rows_per_chunk(shape: tuple[int, ...]) -> int:
 
 
 class RunStore:
-    def __init__(self, group: zarr.Group, path: Path):
-        self.group, self.path = group, path
+    def __init__(self, group: zarr.Group, path: str | Path):
+        self.group, self.uri = group, location.absolute(path) if location.is_remote(path) else str(path)
+        self._fs, self._root = location.filesystem(self.uri)
         self._attrs = group.attrs.asdict()
         self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def path(self) -> str | Path:
+        """The store's location: a ``Path`` on a local disk (as callers have always had it), else its URI."""
+        return self.uri if location.is_remote(self.uri) else Path(self.uri)
+
+    def _file(self, *parts: str) -> str:
+        """A file (object) of the store, as a path inside its filesystem."""
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def _isfile(self, *parts: str) -> bool:
+        path = self._file(*parts)
+        self._fs.invalidate_cache(path)  # fsspec caches listings; another writer (or Zarr) may have changed it
+        return bool(self._fs.isfile(path))
 
     def _array(self, name: str) -> zarr.Array:
         """Array handles are cached: re-opening one re-reads its metadata, every iteration."""
@@ -122,11 +210,17 @@ class RunStore:
 
     def _unreadable(self, exc: BaseException) -> GradpipeError:
         """A metadata failure as one line naming the ``zarr.json`` at fault (Zarr's own error names none)."""
-        for meta in sorted(self.path.rglob("zarr.json")):
+        self._fs.invalidate_cache()
+        root = self._root.rstrip("/")
+        for found in sorted(self._fs.find(root)):
+            if not str(found).endswith("/zarr.json"):
+                continue
+            rel = str(found)[len(root):].strip("/")
+            meta = location.join(self.uri, *rel.split("/"))
             try:
-                node = json.loads(meta.read_text())
+                node = json.loads(self._fs.cat_file(found))
                 if node.get("node_type") == "array":
-                    zarr.open_array(str(meta.parent), mode="r")
+                    zarr.open_array(_zarr_store(location.parent(meta), read_only=True), mode="r")
             except Exception as bad:  # noqa: BLE001 - the first file that does not parse is the culprit
                 return GradpipeError(f"run {self.run_id}: {meta} is unreadable ({_why(bad)}); the run store is "
                                      f"damaged: restore it from a backup or train the run again.")
@@ -146,16 +240,15 @@ class RunStore:
 
     @property
     def run_id(self) -> str:
-        return self.path.name.removesuffix(".zarr")
+        return location.name(self.uri).removesuffix(".zarr")
 
     # ---- create / open -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, config: dict, solver: str, dataset: DatasetRef, n_params: int,
                state_shapes: dict[str, tuple[int, ...]], version: str) -> RunStore:
-        path = Path(path)
-        if path.exists():
+        if store_exists(path):
             raise GradpipeError(f"run store {path} already exists; choose another --run-id or --resume it.")
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group = zarr.open_group(_zarr_store(str(path)), mode="w-", zarr_format=3)
         d = n_params - 1
         arrays = {"theta": (n_params,), "grad": (n_params,), "coef": (d,), "intercept": (),
                   **{s: () for s in SCALARS}}
@@ -171,11 +264,10 @@ class RunStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> RunStore:
-        path = Path(path)
-        if not path.exists():
+        if not store_exists(path):
             raise GradpipeError(f"run {path} does not exist (see `gradpipe runs list`).")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(_zarr_store(str(path), read_only=mode == "r"), mode=mode)
         except Exception as exc:  # noqa: BLE001
             raise GradpipeError(f"{path} is not a gradpipe run store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "run":
@@ -184,8 +276,9 @@ class RunStore:
         names = store.array_names()  # every array's metadata parses: a garbage one is named here
         lost = [n for n in ("theta", "grad", "coef", "intercept", *SCALARS) if n not in names]
         if lost:
-            raise GradpipeError(f"run {store.run_id}: {path / lost[0] / 'zarr.json'} is missing; the run store is "
-                                f"damaged: restore it from a backup or train the run again.")
+            meta = location.join(path, lost[0], "zarr.json")
+            raise GradpipeError(f"run {store.run_id}: {meta} is missing; the run store is damaged: restore it from "
+                                f"a backup or train the run again.")
         return store
 
     # ---- attributes ------------------------------------------------------------------------------
@@ -228,7 +321,9 @@ class RunStore:
     @staticmethod
     def has_metadata(path: str | Path) -> bool:
         """Whether ``path`` holds a Zarr group's metadata at all (a store killed while created may not)."""
-        return (Path(path) / "zarr.json").is_file()
+        fs, where = location.filesystem(path)
+        fs.invalidate_cache()
+        return bool(fs.isfile(f"{where.rstrip('/')}/zarr.json"))
 
     @property
     def converged(self) -> bool:
@@ -360,15 +455,15 @@ class RunStore:
     def history(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in self.array_names()}
 
-    def report_dir(self) -> Path:
+    def report_dir(self) -> str | Path:
         """``<store>/report``, a small Zarr group of its own for the files that describe the run (its loss
         curve). Not the store's top level: Zarr lists a group's directory to find its members, and a stray
         file there makes every listing warn "Object at … is not recognized as a component of a Zarr
         hierarchy" (an error under ``-W error``); a subgroup is a member it recognizes."""
-        path = self.path / REPORT_GROUP
-        if not (path / "zarr.json").is_file():
-            zarr.open_group(str(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
-        return path
+        path = location.join(self.uri, REPORT_GROUP)
+        if not self._isfile(REPORT_GROUP, "zarr.json"):
+            zarr.open_group(_zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+        return path if location.is_remote(path) else Path(path)
 
     @property
     def tuning(self) -> dict[str, Any] | None:
@@ -392,7 +487,7 @@ class RunStore:
             c = arr.chunks[0]
             k, lo = t // c, (t // c) * c
             key = arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1)))
-            if not (self.path / name / key).is_file():
+            if not self._isfile(name, key):
                 return f"{name} chunk {k}: its file {name}/{key} is missing", lo - 1
             try:
                 values = np.asarray(arr[lo:t + 1])
@@ -430,8 +525,9 @@ class RunStore:
             arr = self._array(name)
             c = arr.chunks[0]
             for k in range(row // c + 1, -(-arr.shape[0] // c)):
-                (self.path / name / arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1)))).unlink(
-                    missing_ok=True)
+                chunk = self._file(name, arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1))))
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(chunk)
             arr.resize((row + 1, *arr.shape[1:]))
         log = [e for e in self._attrs.get("resume_log", []) if e[0] <= row]
         resume = self._logged_state(log, row) if any(e[0] == row for e in log) else self.resume_state
