@@ -134,13 +134,15 @@ class FeatureStats:
         return np.where(s > 0, s, 1.0)
 
     def to_json(self) -> dict:
-        """The weighted fields are written only when set: an unweighted dataset's attrs keep their keys."""
+        """The weighted fields are written only when set: an unweighted dataset's attrs keep their keys.
+        Non-finite values (a column whose squares overflow) are written as Zarr's strings "Infinity",
+        "-Infinity", "NaN": attributes are strict JSON, and Icechunk refuses a bare Infinity."""
         return {
             "count": self.count,
-            "mean": self.mean.tolist(),
-            "m2": self.m2.tolist(),
-            "min": self.min.tolist(),
-            "max": self.max.tolist(),
+            "mean": _json_floats(self.mean),
+            "m2": _json_floats(self.m2),
+            "min": _json_floats(self.min),
+            "max": _json_floats(self.max),
             **({} if not self.weighted else {"weight_sum": self.weight_sum, "n_weighted": self.n_weighted}),
         }
 
@@ -149,10 +151,16 @@ class FeatureStats:
         weighted = data.get("weight_sum") is not None
         return cls(
             int(data["count"]),
-            *(np.asarray(data[k], dtype=np.float64) for k in ("mean", "m2", "min", "max")),
+            *(np.asarray([float(v) for v in data[k]], dtype=np.float64) for k in ("mean", "m2", "min", "max")),
             float(data["weight_sum"]) if weighted else None,
             int(data["n_weighted"]) if weighted else None,
         )
+
+
+def _json_floats(values: np.ndarray) -> list:
+    """Floats for JSON; ±inf and NaN as the strings ``float()`` reads back (Zarr's own convention)."""
+    return [v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
+            for v in values.tolist()]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import signal
 import threading
 import time
@@ -33,8 +32,9 @@ from pipeline.errors import GradpipeError, Interrupted
 from pipeline.objective import ClusterObjective
 from pipeline.problem import Problem
 from pipeline.solvers import Row, Solver, Stalled, make_solver, resolve
+from pipeline.store import location
 from pipeline.store.dataset import open_dataset
-from pipeline.store.runs import DatasetRef, RunStore, run_lock
+from pipeline.store.runs import DatasetRef, RunStore, remove_store, run_lock, run_path, store_exists
 
 log = logging.getLogger("gradpipe.train")
 OnIteration = Callable[[int, dict[str, Any]], None]
@@ -81,7 +81,7 @@ class FitResult:
 
 
 @contextlib.contextmanager
-def _stop_signals(run_id: str, runs_dir: Path) -> Iterator[dict[str, int]]:
+def _stop_signals(run_id: str, runs_dir: str | Path) -> Iterator[dict[str, int]]:
     """The first SIGINT/SIGTERM sets a flag: the loop finishes the iteration in flight, checkpoints and stops.
     A second one raises :class:`Interrupted` at once; the committed rows stay resumable."""
     flag: dict[str, int] = {}
@@ -139,7 +139,7 @@ class _Start:
     """How a fit begins: a new run (``theta0``) or the committed row of an existing store."""
 
     run_id: str
-    path: Path
+    path: str  # the run store's location (a path or a URI)
     theta0: np.ndarray | None = None
     store: RunStore | None = None
 
@@ -159,7 +159,7 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                 check_target(objective, ds)
                 mean, scale = ((problem.mean.tolist(), problem.scale.tolist()) if config.standardize
                                else (None, None))
-                ours = not begin.path.exists()  # never remove a store this call did not create
+                ours = not store_exists(begin.path)  # never remove a store this call did not create
                 try:
                     store = RunStore.create(begin.path, config=config.to_json(), solver=solver.name,
                                             dataset=DatasetRef(uri=ds.path, snapshot=ds.snapshot,
@@ -175,7 +175,8 @@ def _fit(client: Client, ds, config: TrainConfig, problem: Problem, begin: _Star
                         store.write_static(name, value)
                 except BaseException:  # a full disk, a bad setting or Ctrl-C before iteration 0: no run to keep
                     if ours:
-                        shutil.rmtree(begin.path, ignore_errors=True)
+                        with contextlib.suppress(OSError):
+                            remove_store(begin.path)
                     raise
                 return _loop(store, begin, solver, objective, config, row, 0, None, t0, 0.0, on_iteration)
         with run_lock(begin.path):  # held for the whole resume: a second --resume of this run is refused
@@ -218,22 +219,22 @@ def train(dataset: str | Path, config: TrainConfig | None = None, *, client: Cli
     resolve(config.solver, problem)  # a solver that cannot solve this problem fails before any pass
     run_id = run_id or new_run_id(ds.path)
     theta0 = np.zeros(problem.n_params) if init is None else problem.from_original(np.asarray(init[0]), init[1])
-    begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", theta0=theta0)
+    begin = _Start(run_id, run_path(runs_dir, run_id), theta0=theta0)
     return _fit(client, ds, config, problem, begin, on_iteration)
 
 
 def check_new_run_id(run_id: str, runs_dir: str | Path) -> None:
     """Refuse a run id whose store holds a run (checked before any cluster starts)."""
-    path = Path(runs_dir) / f"{run_id}.zarr"
+    path = run_path(runs_dir, run_id)
     if _taken(path):
         raise GradpipeError(f"run store {path} already exists; choose another --run-id or continue it with "
                             f"`gradpipe train --resume {run_id} --runs-dir {runs_dir}`.")
 
 
-def _taken(path: Path) -> bool:
+def _taken(path: str) -> bool:
     """Whether a run store holds a run. One killed before its row 0 holds nothing: it is removed, so that the
     run id can start again (``--resume`` has nothing to continue from in it)."""
-    if not path.exists():
+    if not store_exists(path):
         return False
     try:
         empty = RunStore.open(path).committed < 0
@@ -241,7 +242,7 @@ def _taken(path: Path) -> bool:
         empty = not RunStore.has_metadata(path)
     if empty:
         log.warning("run store %s holds no iteration (killed before row 0): starting it again", path)
-        shutil.rmtree(path)
+        remove_store(path)
     return not empty
 
 
@@ -267,13 +268,13 @@ def resume(run_id: str, *, runs_dir: str | Path = "data/runs", client: Client | 
     mean, scale = store.dataset.arrays()  # the run's own standardization (None: the identity)
     problem = Problem.of(config.family, ds.n_features, l1=config.l1, l2=config.l2, mean=mean, scale=scale,
                          feature_names=ds.feature_names)
-    begin = _Start(run_id, Path(runs_dir) / f"{run_id}.zarr", store=store)
+    begin = _Start(run_id, run_path(runs_dir, run_id), store=store)
     return _fit(client, ds, config, problem, begin, on_iteration)
 
 
 def check_resumable(run_id: str, runs_dir: str | Path = "data/runs") -> tuple[RunStore, Any]:
     """The run store and its dataset, or the reason the run cannot continue (checked before any cluster)."""
-    store = RunStore.open(Path(runs_dir) / f"{run_id}.zarr", mode="r+")
+    store = RunStore.open(run_path(runs_dir, run_id), mode="r+")
     meta = store.dataset
     if meta.snapshot:
         # The run reads exactly the version it started on, whatever was ingested or rolled back since.
@@ -373,7 +374,7 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
         return elapsed0 + time.perf_counter() - t0
 
     status, message, final_state = "running", "", None
-    with _stop_signals(begin.run_id, begin.path.parent) as stop, contextlib.closing(writer):
+    with _stop_signals(begin.run_id, location.parent(begin.path)) as stop, contextlib.closing(writer):
         try:
             if not resumed:
                 rec = _record(row, elapsed(), objective.passes, problem)
@@ -439,7 +440,7 @@ def _loop(store: RunStore, begin: _Start, solver: Solver, objective: ClusterObje
     seconds = elapsed() - elapsed0
     coef, intercept = problem.to_original(row.theta)
     return FitResult(
-        run_id=begin.run_id, run_uri=str(begin.path.absolute()), status=status, message=message, n_iter=t,
+        run_id=begin.run_id, run_uri=location.absolute(begin.path), status=status, message=message, n_iter=t,
         loss=row.loss, coef=coef, intercept=intercept, feature_names=list(problem.feature_names), seconds=seconds,
         seconds_per_iter=loop_seconds / max(steps, 1), passes=objective.passes, checkpoint_seconds=ckpt_seconds,
         checkpoint_write_seconds=writer.busy_seconds, model=config.model, solver=solver.name,

@@ -416,7 +416,10 @@ def _stream(client: Client, pieces: list[Piece], schema: Schema, store, n_old: i
             submit_more()
         if pending_rows:
             emit(pending_rows)
-        forks = client.gather(writes)
+        # Not client.gather: a Ctrl-C during it leaves an internal task whose AllExit asyncio prints as a
+        # traceback ("Task exception was never retrieved") under the one-line message.
+        wait(writes)
+        forks = [f.result() for f in writes]
     except BaseException as exc:
         for f in parsed.values():
             f.cancel()
