@@ -14,7 +14,13 @@ from pipeline.tune import new_tune_id
 
 
 def _settings(settings: dict[str, Any] | None) -> Settings:
-    return Settings.from_dict(settings) if settings else load()
+    """The flow's settings: its parameter (storage option values redacted, unless a caller gave real ones,
+    which then become this process's) or, without one, the file and environment."""
+    if not settings:
+        return load()
+    s = Settings.from_dict(settings)
+    s.apply_storage_options()
+    return s
 
 
 @flow(name="gradpipe-ingest", log_prints=True)

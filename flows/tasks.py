@@ -7,9 +7,7 @@ is pointless, and results must never be reused across runs.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -24,6 +22,7 @@ from pipeline.problem import to_original
 from pipeline.publish import decide, exclusive, latest_completed_run, publish, read_published
 from pipeline.report import loss_curve_data_uri, markdown, write_loss_curve
 from pipeline.settings import Settings
+from pipeline.store import location
 from pipeline.store.dataset import read_info
 from pipeline.store.runs import RunStore
 from pipeline.store.tunes import TuneStore
@@ -34,6 +33,21 @@ from pipeline.tune_report import tune_markdown, write_cv_curve
 # Called as hook(attempt, iteration, record) after every training iteration: monitoring, or fault
 # injection in tests (an exception fails the attempt; the retry resumes from the committed iteration).
 ITERATION_HOOKS: list[Callable[[int, int, dict[str, Any]], None]] = []
+
+
+def _exists(uri: str) -> bool:
+    """Whether a store exists at a path or URI (the settings' locations may be either)."""
+    fs, path = location.filesystem(uri)
+    return fs.exists(path)
+
+
+def _remove(uri: str) -> None:
+    """Delete a store that never committed anything, wherever it lives; a missing one is fine."""
+    fs, path = location.filesystem(uri)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 @task(cache_policy=NO_CACHE)
@@ -66,7 +80,7 @@ def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[s
     s = Settings.from_dict(settings)
     log = get_run_logger()
     attempt = task_run.run_count
-    path = s.runs_dir / f"{run_id}.zarr"
+    path = location.join(s.runs_dir, f"{run_id}.zarr")
 
     def on_iteration(t: int, rec: dict[str, Any]) -> None:
         if t % 50 == 0:
@@ -77,11 +91,11 @@ def train_task(settings: dict[str, Any], address: str, run_id: str, warm: dict[s
 
     with dask_client(address, announce=False) as client:
         log.info("Dask dashboard: %s; run store: %s", client.dashboard_link, path)
-        if path.exists() and RunStore.open(path).committed >= 0:
+        if _exists(path) and RunStore.open(path).committed >= 0:
             log.info("attempt %d: resuming run %s from iteration %d", attempt, run_id, RunStore.open(path).committed)
             result = resume(run_id, runs_dir=s.runs_dir, client=client, on_iteration=on_iteration)
         else:
-            shutil.rmtree(path, ignore_errors=True)  # a store that never committed an iteration holds nothing
+            _remove(path)  # a store that never committed an iteration holds nothing
             init = (warm["coef"], warm["intercept"]) if warm else None
             result = train(s.dataset, s.train, client=client, runs_dir=s.runs_dir, run_id=run_id, init=init,
                            on_iteration=on_iteration)
@@ -111,13 +125,13 @@ def tune_task(settings: dict[str, Any], address: str, tune_id: str) -> dict[str,
     a failure, the same tune resumes from its last committed outer iteration (and its refit)."""
     s = Settings.from_dict(settings)
     log = get_run_logger()
-    path = s.tunes_dir / f"{tune_id}.zarr"
+    path = location.join(s.tunes_dir, f"{tune_id}.zarr")
     with dask_client(address, announce=False) as client:
-        if path.exists() and TuneStore.open(path).committed >= 0:
+        if _exists(path) and TuneStore.open(path).committed >= 0:
             log.info("attempt %d: resuming tune %s", task_run.run_count, tune_id)
             result = resume_tune(tune_id, tunes_dir=s.tunes_dir, runs_dir=s.runs_dir, client=client)
         else:
-            shutil.rmtree(path, ignore_errors=True)  # a tune that never committed an iteration holds nothing
+            _remove(path)  # a tune that never committed an iteration holds nothing
             result = tune(s.dataset, tune_config(s), client=client, runs_dir=s.runs_dir, tunes_dir=s.tunes_dir,
                           tune_id=tune_id)
     refit = result.refit
@@ -142,7 +156,7 @@ def evaluate_task(settings: dict[str, Any], address: str, run_uri: str) -> dict[
     s = Settings.from_dict(settings)
     with dask_client(address, announce=False) as client:
         metrics = evaluate(run_uri, s.dataset, client)
-    get_run_logger().info("metrics of %s: %s", Path(run_uri).name, metrics)
+    get_run_logger().info("metrics of %s: %s", location.name(run_uri), metrics)
     return metrics
 
 
@@ -156,8 +170,8 @@ def publish_task(settings: dict[str, Any], address: str, run_uri: str, metrics: 
         old_metrics, old_run = None, None
         if published is not None:
             old_run = published["run_id"]
-            old_path = s.runs_dir / f"{old_run}.zarr"
-            if old_path.exists():
+            old_path = location.join(s.runs_dir, f"{old_run}.zarr")
+            if _exists(old_path):
                 with dask_client(address, announce=False) as client:
                     old_metrics = evaluate(old_path, s.dataset, client)
             else:
@@ -184,7 +198,7 @@ def report_task(settings: dict[str, Any], run_uri: str, metrics: dict[str, float
     """
     s = Settings.from_dict(settings)
     store = RunStore.open(run_uri)
-    run_id = Path(run_uri).name.removesuffix(".zarr")
+    run_id = location.name(run_uri).removesuffix(".zarr")
     png = write_loss_curve(run_uri)
     text = (markdown(store, run_id, metrics, decision)
             + f"\n\n## Loss curve\n\n![loss curve]({loss_curve_data_uri(png)})\n\n(also saved as `{png}`)\n")

@@ -1,11 +1,18 @@
 """Pipeline settings from a TOML file, environment variables and flags (flags win, then env, then file).
 
 Paths are made absolute once, here: a relative store path given to a remote Dask worker would resolve in
-that worker's own working directory and silently read fill values.
+that worker's own working directory and silently read fill values. ``data_dir`` may also be a URI
+(``s3://bucket/gradpipe``): the dataset, runs, tunes and models locations are then URIs under it.
+
+``storage_options`` (the ``[storage_options]`` table, ``GRADPIPE_STORAGE_OPTIONS``) hold credentials:
+:func:`load` hands them to :mod:`pipeline.store.location` through the environment, which the driver's
+LocalCluster workers inherit, and every printed or serialized form (``to_dict``: Prefect flow parameters,
+deployments) carries the keys only, never the values.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -14,11 +21,13 @@ from typing import Any
 
 from pipeline.config import TrainConfig
 from pipeline.errors import GradpipeError
+from pipeline.store import location
 
 ENV_PREFIX = "GRADPIPE_"
+REDACTED = "***"  # what to_dict and repr show instead of a storage option's value
 
 
-@dataclass
+@dataclass(repr=False)
 class Settings:
     name: str = "demo"
     raw: list[str] = field(default_factory=lambda: ["data/raw/demo"])
@@ -41,28 +50,46 @@ class Settings:
     tune_cv: int = 5  # folds
     tune_alphas: int = 100  # α values on the path
     tune_select: str = "min"  # min | 1se
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (secrets: never shown)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    # Locations are str, not Path: Path("s3://b/k") folds the scheme into "s3:/b/k".
     @property
-    def dataset(self) -> Path:
-        return Path(self.data_dir) / "datasets" / f"{self.name}.zarr"
+    def dataset(self) -> str:
+        return location.join(self.data_dir, "datasets", f"{self.name}.zarr")
 
     @property
-    def runs_dir(self) -> Path:
-        return Path(self.data_dir) / "runs"
+    def runs_dir(self) -> str:
+        return location.join(self.data_dir, "runs")
 
     @property
-    def tunes_dir(self) -> Path:
-        return Path(self.data_dir) / "tunes"
+    def tunes_dir(self) -> str:
+        return location.join(self.data_dir, "tunes")
 
     @property
-    def models_dir(self) -> Path:
-        return Path(self.data_dir) / "models" / self.name
+    def models_dir(self) -> str:
+        return location.join(self.data_dir, "models", self.name)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able data, storage option values redacted: this dict becomes Prefect flow and
+        deployment parameters, stored by the server and shown in its UI. The values reach the flows through
+        the environment instead (:meth:`apply_storage_options`)."""
         out = asdict(self)
+        out["storage_options"] = redacted(self.storage_options)
         out["train"] = self.train.to_json()
         return out
+
+    def __repr__(self) -> str:
+        shown = {**asdict(self), "storage_options": redacted(self.storage_options), "train": self.train}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def apply_storage_options(self) -> None:
+        """Make the storage options this process's (and its future LocalCluster workers'). Redacted values
+        (settings that went through :meth:`to_dict`) are skipped: the environment already holds the real
+        ones."""
+        real = {k: v for k, v in self.storage_options.items() if v != REDACTED}
+        if real:
+            location.set_storage_options(real)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
@@ -75,6 +102,9 @@ class Settings:
         raw = data.get("raw")
         if isinstance(raw, str):
             data["raw"] = [raw]
+        if not isinstance(data.get("storage_options", {}), dict):
+            raise GradpipeError(f"storage_options: a table of fsspec options (endpoint_url, key, secret, region, "
+                                f"anon), not {type(data['storage_options']).__name__}.")
         settings = cls(**data, train=train)
         settings.train.validate()
         settings._validate_tune()
@@ -91,9 +121,9 @@ class Settings:
             raise GradpipeError(f"tune_alphas: needs at least 1 value, not {self.tune_alphas}.")
 
     def absolute(self) -> Settings:
-        """Resolve every path against the current directory (see the module docstring)."""
-        self.data_dir = str(Path(self.data_dir).absolute())
-        self.raw = [r if "://" in r else str(Path(r).absolute()) for r in self.raw]
+        """Resolve every local path against the current directory (see the module docstring); URIs stay."""
+        self.data_dir = location.absolute(self.data_dir)
+        self.raw = [location.absolute(r) for r in self.raw]
         for name in ("tls_ca", "tls_cert", "tls_key"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).absolute()))
@@ -107,7 +137,24 @@ class Settings:
                            external=bool(self.scheduler), source="the settings")
 
 
-def _coerce(value: str, like: Any) -> Any:
+def redacted(options: dict[str, Any]) -> dict[str, str]:
+    """The option names with every value replaced: which options are set is useful, their values are secrets."""
+    return {k: REDACTED for k in options}
+
+
+def _json_object(value: str, name: str) -> dict[str, Any]:
+    try:
+        out = json.loads(value) if value.strip() else {}
+    except ValueError as exc:
+        raise GradpipeError(f"{name} must be a JSON object of storage options ({exc}).") from None
+    if not isinstance(out, dict):
+        raise GradpipeError(f"{name} must be a JSON object of storage options, not {type(out).__name__}.")
+    return out
+
+
+def _coerce(value: str, like: Any, name: str = "") -> Any:
+    if isinstance(like, dict):
+        return _json_object(value, name)
     if isinstance(like, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(like, int):
@@ -121,7 +168,8 @@ def _coerce(value: str, like: Any) -> Any:
 
 def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
          environ: dict[str, str] | None = None) -> Settings:
-    """Defaults ← TOML file ← ``GRADPIPE_*`` environment ← ``overrides`` (flags)."""
+    """Defaults ← TOML file ← ``GRADPIPE_*`` environment ← ``overrides`` (flags); then the storage options
+    become this process's (see the module docstring)."""
     environ = dict(os.environ if environ is None else environ)
     data: dict[str, Any] = {}
     if config_file:
@@ -135,10 +183,14 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
     data.setdefault("train", {})
     base = Settings()
     defaults_train = TrainConfig().to_json()
+    file_options = data.get("storage_options", {})
     for f in fields(Settings):
         key = ENV_PREFIX + f.name.upper()
         if f.name != "train" and key in environ:
-            data[f.name] = _coerce(environ[key], getattr(base, f.name))
+            data[f.name] = _coerce(environ[key], getattr(base, f.name), key)
+    if isinstance(file_options, dict) and isinstance(data.get("storage_options"), dict):
+        # key by key: the file may give the endpoint, the environment the secret
+        data["storage_options"] = {**file_options, **data["storage_options"]}
     for name, default in defaults_train.items():
         # GRADPIPE_TRAIN_<FIELD>, or the short GRADPIPE_<FIELD> (GRADPIPE_MODEL=poisson): no training field
         # shares a name with a top-level setting, and the long form wins when both are set
@@ -157,4 +209,6 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
             data["train"][key] = value
         else:
             data[key] = value
-    return Settings.from_dict(data).absolute()
+    settings = Settings.from_dict(data).absolute()
+    settings.apply_storage_options()
+    return settings

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import GradpipeError
-from pipeline.settings import load
+from pipeline.settings import Settings, load
+from pipeline.store import location
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +30,7 @@ def test_precedence_and_absolute_paths(tmp_path, monkeypatch):
     assert (s.train.tol, s.train.time_budget, s.train.lr) == (1e-6, 30.0, 0.5)
     s = load(cfg, {"name": "flag", "max_iter": 11}, environ={"GRADPIPE_NAME": "env"})
     assert (s.name, s.train.max_iter) == ("flag", 11)
-    assert s.dataset == tmp_path / "data" / "datasets" / "flag.zarr"
+    assert s.dataset == str(tmp_path / "data" / "datasets" / "flag.zarr")
 
 
 def test_scheduler_from_the_environment_beats_the_file(tmp_path):
@@ -78,3 +81,83 @@ def test_tls_settings_from_file_and_environment(tmp_path, monkeypatch):
     s = load(environ={"GRADPIPE_TLS_CA": files.ca, "GRADPIPE_TLS_CERT": files.cert})
     with pytest.raises(GradpipeError, match="GRADPIPE_TLS_KEY"):
         s.tls_security()
+
+
+def test_a_uri_data_dir_makes_every_location_a_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = ["s3://bucket/raw/*.csv", "in"]
+    for s in (load(None, {"data_dir": "s3://bucket/gradpipe/", "name": "n", "raw": raw}, environ={}),
+              load(environ={"GRADPIPE_DATA_DIR": "s3://bucket/gradpipe", "GRADPIPE_NAME": "n",
+                            "GRADPIPE_RAW": ",".join(raw)})):
+        assert s.data_dir == "s3://bucket/gradpipe"  # not folded into s3:/ by Path, nor made "absolute"
+        assert (s.dataset, s.runs_dir, s.tunes_dir, s.models_dir) == (
+            "s3://bucket/gradpipe/datasets/n.zarr", "s3://bucket/gradpipe/runs", "s3://bucket/gradpipe/tunes",
+            "s3://bucket/gradpipe/models/n")
+        assert s.raw == ["s3://bucket/raw/*.csv", str(tmp_path / "in")]
+        assert Settings.from_dict(s.to_dict()).runs_dir == s.runs_dir  # what a flow task sees
+    toml = tmp_path / "g.toml"
+    toml.write_text('data_dir = "gs://b/x"\n')
+    assert load(toml, environ={}).models_dir == "gs://b/x/models/demo"
+
+
+def test_a_local_data_dir_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load(None, {"data_dir": "d", "name": "n"}, environ={})
+    data = tmp_path / "d"
+    assert (s.dataset, s.runs_dir, s.tunes_dir, s.models_dir) == (
+        str(data / "datasets" / "n.zarr"), str(data / "runs"), str(data / "tunes"), str(data / "models" / "n"))
+    assert all(isinstance(p, str) for p in (s.dataset, s.runs_dir, s.tunes_dir, s.models_dir))
+
+
+SECRET = "wJalrXUtnFEMI-not-a-real-secret"
+
+
+@pytest.fixture
+def options_env(monkeypatch):
+    """GRADPIPE_STORAGE_OPTIONS restored after the test (load() sets it for the process)."""
+    monkeypatch.setenv(location.OPTIONS_ENV, "")
+    return monkeypatch
+
+
+def test_storage_options_table_is_applied_to_the_process(tmp_path, options_env):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'data_dir = "s3://b/gp"\n[storage_options]\nendpoint_url = "http://minio:9000"\n'
+                   f'key = "gp"\nsecret = "{SECRET}"\n')
+    s = load(cfg, environ={})
+    assert s.storage_options == {"endpoint_url": "http://minio:9000", "key": "gp", "secret": SECRET}
+    assert json.loads(os.environ[location.OPTIONS_ENV]) == s.storage_options  # workers inherit it from here
+    assert location.storage_options("s3") == s.storage_options  # what filesystem() and Icechunk use
+    fs, _ = location.filesystem("s3://b/gp")
+    assert (fs.key, fs.secret, fs.client_kwargs.get("endpoint_url", fs.endpoint_url)) == (
+        "gp", SECRET, "http://minio:9000")
+    # the environment overrides the file key by key (the file may hold the endpoint, the env the secret)
+    s = load(cfg, environ={location.OPTIONS_ENV: json.dumps({"secret": "other"})})
+    assert s.storage_options == {"endpoint_url": "http://minio:9000", "key": "gp", "secret": "other"}
+    assert location.storage_options("s3")["secret"] == "other"
+
+
+def test_storage_option_values_are_never_shown(tmp_path, options_env, capsys):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[storage_options]\nkey = "gp"\nsecret = "{SECRET}"\n')
+    s = load(cfg, environ={})
+    shown = s.to_dict()  # Prefect flow and deployment parameters
+    assert shown["storage_options"] == {"key": "***", "secret": "***"}
+    print(s, repr(s), str(s))
+    out = capsys.readouterr().out
+    assert SECRET not in json.dumps(shown) and SECRET not in out and "'secret': '***'" in out
+    assert "name='demo'" in out  # the rest of the settings is still shown
+    # a flow rebuilding its settings from the redacted dict keeps the real options of the environment
+    again = Settings.from_dict(shown)
+    again.apply_storage_options()
+    assert location.storage_options("s3")["secret"] == SECRET
+
+
+@pytest.mark.parametrize("text, env, message", [
+    ('storage_options = "x"\n', {}, "storage_options: a table"),
+    ("", {"GRADPIPE_STORAGE_OPTIONS": "{nope"}, "GRADPIPE_STORAGE_OPTIONS must be a JSON object"),
+    ("", {"GRADPIPE_STORAGE_OPTIONS": "[1]"}, "GRADPIPE_STORAGE_OPTIONS must be a JSON object"),
+])
+def test_bad_storage_options_are_named(tmp_path, options_env, text, env, message):
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(GradpipeError, match=re.escape(message)):
+        load(tmp_path / "s.toml", environ=env)
