@@ -143,7 +143,7 @@ def test_pipeline_flow_with_tune_refits_evaluates_and_publishes(raw, scheduler, 
 def test_tune_settings_come_from_env_toml_and_flags(tmp_path):
     s = load(environ={})
     assert (s.tune, s.tune_cv, s.tune_alphas, s.tune_select) == (False, 5, 100, "min")
-    assert s.tunes_dir == Path(s.data_dir) / "tunes"
+    assert s.tunes_dir == str(Path(s.data_dir) / "tunes")
     s = load(environ={"GRADPIPE_TUNE": "1", "GRADPIPE_TUNE_CV": "3", "GRADPIPE_TUNE_ALPHAS": "20",
                       "GRADPIPE_TUNE_SELECT": "1se"})
     assert (s.tune, s.tune_cv, s.tune_alphas, s.tune_select) == (True, 3, 20, "1se")
