@@ -14,13 +14,14 @@ WORKDIR /app
 COPY . /app
 RUN pip install . \
     && useradd --create-home --uid 1000 --user-group gradpipe \
-    && mkdir -p /data \
-    && chown gradpipe:gradpipe /data
+    && mkdir -p /data /prefect \
+    && chown gradpipe:gradpipe /data /prefect
 
 USER gradpipe
-# Datasets, runs, models and the Prefect database live here: bind-mount the same host directory at /data in
-# every container (relative store paths would resolve in each worker's own working directory).
-VOLUME ["/data"]
+# Without an object store (docker-compose.local.yml), datasets, runs and models live here: bind-mount the same
+# host directory at /data in every container (relative store paths would resolve in each worker's own working
+# directory). /prefect holds Prefect's database and settings (a named volume in docker-compose.yml).
+VOLUME ["/data", "/prefect"]
 ENV GRADPIPE_DATA_DIR=/data \
     GRADPIPE_RAW=/data/raw/demo
 

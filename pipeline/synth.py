@@ -308,6 +308,10 @@ def make_data(spec: SynthSpec, out: str | Path, threads: int | None = None) -> M
     spec.validate()
     if threads is not None and threads < 1:
         raise GradpipeError(f"--threads must be at least 1, not {threads}.")
+    from pipeline.store import location
+
+    if location.is_remote(out):
+        return _make_data_remote(spec, str(out), threads, t0)
     out = Path(out).absolute()
     _check_replaceable(out)
     truth = make_truth(spec)
@@ -334,12 +338,45 @@ def make_data(spec: SynthSpec, out: str | Path, threads: int | None = None) -> M
                           time.perf_counter() - t0)
 
 
+def _make_data_remote(spec: SynthSpec, out: str, threads: int | None, t0: float) -> MakeDataResult:
+    """``make_data`` into an object-store prefix: generated in a local temporary directory, then uploaded
+    part by part with ``truth.json`` last (an object store has no directory rename; each PUT is atomic, and
+    a failed upload leaves no ``truth.json`` of the new output). Parts of a previous output that the new
+    one does not have are deleted after the upload."""
+    import tempfile
+
+    from pipeline.store import location
+
+    fs, root = location.filesystem(out)
+    try:
+        before = [location.name(p) for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
+    except OSError as exc:
+        raise GradpipeError(f"could not list --out {out}: {exc}") from exc
+    _check_names(out, before)
+    with tempfile.TemporaryDirectory(prefix="gradpipe-make-data-") as tmp:
+        local = make_data(spec, Path(tmp) / "out", threads)
+        names = [spec.part_name(i) for i in range(spec.files)]
+        try:
+            for n in names + [TRUTH_FILE]:
+                fs.put_file(str(Path(local.out) / n), f"{root}/{n}")
+            stale = [f"{root}/{n}" for n in before if n not in names and n != TRUTH_FILE]
+            if stale:
+                fs.rm(stale)
+        except OSError as exc:
+            raise GradpipeError(f"could not write {out}: {exc}") from exc
+    return MakeDataResult(location.absolute(out), spec.files, spec.rows, spec.features, local.bytes,
+                          time.perf_counter() - t0)
+
+
 def _check_replaceable(out: Path) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
         raise GradpipeError(f"--out {out} exists and is not a directory.")
-    names = [p.name for p in out.iterdir()]
+    _check_names(str(out), [p.name for p in out.iterdir()])
+
+
+def _check_names(out: str, names: list[str]) -> None:
     if not names:
         return
     unknown = sorted(n for n in names if n != TRUTH_FILE and not PART_RE.fullmatch(n))

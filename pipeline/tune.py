@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,9 @@ from pipeline.data_checks import check_magnitudes, check_target
 from pipeline.errors import GradpipeError
 from pipeline.objective import ClusterObjective
 from pipeline.problem import Problem
+from pipeline.store import location
 from pipeline.store.dataset import open_dataset
-from pipeline.store.runs import RunStore
+from pipeline.store.runs import RunStore, remove_store, run_path, store_exists
 from pipeline.store.tunes import TuneStore
 from pipeline.tuners import ACTIVE, FAILED, MAX_GRAM_BYTES, Tuner, make_tuner
 
@@ -185,27 +185,27 @@ def tune(dataset: str | Path, config: TuneConfig | None = None, *, client: Clien
     ds = open_dataset(dataset)
     _check_dataset(ds, cfg)
     tune_id = tune_id or new_tune_id(ds.path)
-    target = Path(tunes_dir) / f"{tune_id}.zarr"
-    if target.exists() and _empty(target):
+    target = location.join(tunes_dir, f"{tune_id}.zarr")
+    if store_exists(target) and _empty(target):
         log.warning("tune store %s holds no iteration (killed before its first): starting it again", target)
-        shutil.rmtree(target)
+        remove_store(target)
     store = TuneStore.create(target, config=cfg.to_json(), version=__version__,
                              dataset={"uri": ds.path, "snapshot": ds.snapshot, "fingerprint": ds.fingerprint(),
                                       "n_rows": ds.n_rows})
     return _run(client, ds, cfg, store, runs_dir, fresh=True)
 
 
-def _empty(path: Path) -> bool:
+def _empty(path: str) -> bool:
     try:
         return TuneStore.open(path).committed < 0
     except (GradpipeError, KeyError, ValueError):
-        return not (path / "zarr.json").exists()  # killed while its metadata was being written
+        return not store_exists(location.join(path, "zarr.json"))  # killed while its metadata was written
 
 
 def resume_tune(tune_id: str, *, tunes_dir: str | Path = "data/tunes", runs_dir: str | Path = "data/runs",
                 client: Client | str | None = None) -> TuneResult:
     """Continue a tune from its last committed outer iteration (and its refit, if that had started)."""
-    store = TuneStore.open(Path(tunes_dir) / f"{tune_id}.zarr", mode="r+")
+    store = TuneStore.open(location.join(tunes_dir, f"{tune_id}.zarr"), mode="r+")
     snapshot = store.dataset.get("snapshot")
     ds = open_dataset(f"{store.dataset['uri']}@{snapshot}" if snapshot else store.dataset["uri"])
     if ds.fingerprint() != store.dataset["fingerprint"]:
@@ -253,7 +253,7 @@ def _run(client, ds, cfg: TuneConfig, store: TuneStore, runs_dir: str | Path, fr
                 row = tuner.start()
             except BaseException:
                 if store.committed < 0:  # nothing to keep: the tune id can start again
-                    shutil.rmtree(store.path, ignore_errors=True)
+                    remove_store(store.uri)
                 raise
             if tuner.grid is not None:
                 store.set_grid(tuner.grid)
@@ -299,7 +299,7 @@ def _result(tuner: Tuner, cfg: TuneConfig, store: TuneStore, problem: Problem, n
     coefs = thetas[..., :-1] / problem.scale
     intercepts = thetas[..., -1] - coefs @ problem.mean
     status_word = "done" if not (status == ACTIVE).any() else "max_iter"
-    result = TuneResult(tune_id=store.tune_id, tune_uri=str(store.path.absolute()), status=status_word,
+    result = TuneResult(tune_id=store.tune_id, tune_uri=store.uri, status=status_word,
                         message=f"{tuner.kind} chosen by {cfg.select}", kind=tuner.kind, model=cfg.model,
                         select=cfg.select, n_folds=cfg.cv, l1_ratios=cfg.l1_ratios, alphas=alphas,
                         lr_grid=cfg.lr_grid, deviance=dev, mean=mean, se=se,
@@ -320,24 +320,23 @@ def _refit(ds, cfg: TuneConfig, store: TuneStore, result: TuneResult, runs_dir: 
     else:
         config = cfg.train_config(alpha=result.alpha, l1_ratio=result.l1_ratio)
     run_id = f"{store.tune_id}-refit"
-    run_path = Path(runs_dir) / f"{run_id}.zarr"
-    record = {"tune_id": store.tune_id, "tune_uri": str(store.path.absolute()), "kind": result.kind,
+    where = run_path(runs_dir, run_id)
+    record = {"tune_id": store.tune_id, "tune_uri": store.uri, "kind": result.kind,
               "select": cfg.select, "cv": cfg.cv, "seed": cfg.seed, "alpha": result.alpha,
               "l1_ratio": result.l1_ratio, "lr": result.lr, "mean_deviance": float(result.mean[result.best]),
               "se": float(result.se[result.best])}
-    if store.refit == run_id and run_path.exists() and RunStore.open(run_path).committed >= 0:
-        run = RunStore.open(run_path)
+    if store.refit == run_id and store_exists(where) and RunStore.open(where).committed >= 0:
+        run = RunStore.open(where)
         if run.status in ("converged", "max_iter", "time_budget"):
             return _finished(run, run_id, ds)
         check_resumable(run_id, runs_dir)
         return resume(run_id, runs_dir=runs_dir, client=client)
-    if run_path.exists():
-        shutil.rmtree(run_path)  # a refit killed before its row 0
+    remove_store(where)  # a refit killed before its row 0 (none: nothing to do)
     store.set_status(store.status, store.message, refit=run_id)
     init = (result.coef_path[result.best].mean(axis=0), float(result.intercept_path[result.best].mean()))
     fit = train(ds.ref, config, client=client, runs_dir=runs_dir, run_id=run_id,
                 init=None if result.kind == "lr" else init)
-    RunStore.open(run_path, mode="r+").annotate(tuning=record)
+    RunStore.open(where, mode="r+").annotate(tuning=record)
     return fit
 
 
@@ -346,7 +345,7 @@ def _finished(run: RunStore, run_id: str, ds):
     from pipeline.training import FitResult
 
     t = run.committed
-    return FitResult(run_id=run_id, run_uri=str(run.path.absolute()), status=run.status, message=run.message,
+    return FitResult(run_id=run_id, run_uri=location.absolute(run.uri), status=run.status, message=run.message,
                      n_iter=t, loss=float(run.row("loss", t)), coef=run.row("coef", t),
                      intercept=float(run.row("intercept", t)), feature_names=list(ds.feature_names), seconds=0.0,
                      seconds_per_iter=0.0, passes=float(run.row("passes", t)), checkpoint_seconds=0.0,

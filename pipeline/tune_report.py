@@ -80,19 +80,24 @@ def cv_curve_figure(result: Any):
     return fig
 
 
-def cv_curve_path(tune_uri: str | Path) -> Path:
-    """Where a tune's CV curve lives: ``<tune store>/report/cv_curve.png`` (the report subgroup is created)."""
+def cv_curve_path(tune_uri: str | Path) -> str | Path:
+    """Where a tune's CV curve lives: ``<tune store>/report/cv_curve.png`` (the report subgroup is created);
+    a ``Path`` on a local disk, else a URI."""
     import zarr
 
-    path = Path(tune_uri) / REPORT_GROUP
-    if not (path / "zarr.json").is_file():
-        zarr.open_group(str(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
-    return path / CV_CURVE_FILE
+    from pipeline.store import location
+    from pipeline.store.runs import _zarr_store, store_exists
+
+    path = location.join(tune_uri, REPORT_GROUP)
+    if not store_exists(location.join(path, "zarr.json")):
+        zarr.open_group(_zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+    png = location.join(path, CV_CURVE_FILE)
+    return png if location.is_remote(png) else Path(png)
 
 
-def write_cv_curve(result: Any, out: str | Path | None = None) -> Path:
+def write_cv_curve(result: Any, out: str | Path | None = None) -> str | Path:
     """Write the CV curve PNG (atomically) at ``out``, by default inside the tune store (:func:`cv_curve_path`)."""
-    return save_png(cv_curve_figure(result), Path(out) if out is not None else cv_curve_path(result.tune_uri))
+    return save_png(cv_curve_figure(result), out if out is not None else cv_curve_path(result.tune_uri))
 
 
 def table_indices(n: int, chosen: int, best: int, every: int = 10) -> list[int]:

@@ -23,7 +23,8 @@ import yaml
 from pipeline.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = {"scheduler", "worker", "prefect-server", "flows"}
+SERVICES = {"scheduler", "worker", "prefect-server", "flows", "minio", "minio-init"}
+GRADPIPE_SERVICES = {"scheduler", "worker", "prefect-server", "flows"}
 
 
 def compose_binary() -> Path:
@@ -47,6 +48,13 @@ def compose_config(path: Path, *overrides: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def config() -> dict:
     r = compose_config(ROOT / "docker-compose.yml")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def local_config() -> dict:
+    r = compose_config(ROOT / "docker-compose.yml", ROOT / "docker-compose.local.yml")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -81,15 +89,45 @@ def test_every_published_port_binds_loopback_only(config):
         for port in svc.get("ports", []):
             assert port.get("host_ip") == "127.0.0.1", (name, port)
             published[int(port["published"])] = name
-    assert published == {8786: "scheduler", 8787: "scheduler", 4200: "prefect-server"}
+    assert published == {8786: "scheduler", 8787: "scheduler", 4200: "prefect-server", 9000: "minio", 9001: "minio"}
 
 
-def test_every_service_mounts_data_at_the_same_absolute_path(config):
-    for name, svc in config["services"].items():
+def test_data_lives_in_the_minio_bucket_with_no_shared_host_directory(config):
+    svcs = config["services"]
+    minio, init = svcs["minio"], svcs["minio-init"]
+    bucket = "gradpipe"
+    for name in GRADPIPE_SERVICES:
+        env = svcs[name]["environment"]
+        assert env["GRADPIPE_DATA_DIR"] == f"s3://{bucket}" and env["GRADPIPE_RAW"].startswith(f"s3://{bucket}/")
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000", name
+        # the services sign with MinIO's root credentials
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"]), name
+        assert not [v for v in svcs[name].get("volumes", []) if v["type"] == "bind"], name  # no host directory
+    assert minio["command"][:2] == ["server", "/data"] and "--console-address" in minio["command"]
+    assert [v["type"] for v in minio["volumes"]] == ["volume"]  # MinIO's own named volume
+    assert minio["image"].startswith("minio/minio:RELEASE.") and init["image"].startswith("minio/mc:RELEASE.")
+    assert "mc" in minio["healthcheck"]["test"] and "ready" in minio["healthcheck"]["test"]
+    script = " ".join(init["command"])
+    assert f"mc mb --ignore-existing gradpipe/{bucket}" in script and "http://minio:9000" in script
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy" and init["restart"] == "no"
+    assert svcs["flows"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    # Prefect's databases stay local, in a named volume, each service in its own directory
+    homes = {n: svcs[n]["environment"]["PREFECT_HOME"] for n in ("prefect-server", "flows")}
+    assert homes == {"prefect-server": "/prefect/server", "flows": "/prefect/flows"}
+    for name in homes:
+        mounts = {(v["type"], v["source"], v["target"]) for v in svcs[name]["volumes"]}
+        assert mounts == {("volume", "prefect", "/prefect")}, name
+    assert {"minio", "prefect"} <= set(config["volumes"])
+
+
+def test_the_local_variant_mounts_data_at_the_same_absolute_path(local_config):
+    for name in GRADPIPE_SERVICES:
+        svc = local_config["services"][name]
         binds = [v for v in svc.get("volumes", []) if v["type"] == "bind"]
         assert any(Path(v["source"]) == ROOT / "data" and v["target"] == "/data" for v in binds), (name, binds)
         assert svc["environment"]["GRADPIPE_DATA_DIR"] == "/data", name
-        raw = svc["environment"].get("GRADPIPE_RAW", "/data")
+        raw = svc["environment"]["GRADPIPE_RAW"]
         assert raw.startswith("/data/"), (name, raw)  # the default data/raw/demo would resolve under /app
 
 
@@ -123,6 +161,8 @@ def test_every_command_is_one_the_project_ships(config):
                                               text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
             for flag in (a for a in argv[3:] if a.startswith("--")):
                 assert flag in prefect_help, f"{name}: `prefect server start` has no {flag}"
+        elif name in ("minio", "minio-init"):
+            continue  # MinIO's own images (checked in test_data_lives_in_the_minio_bucket…)
         elif argv[0] == "gradpipe":
             assert argv[1] in subs, f"{name}: gradpipe has no sub-command {argv[1]!r} (has {sorted(subs)})"
             try:
@@ -141,7 +181,7 @@ def test_every_command_is_one_the_project_ships(config):
 
 def test_healthchecks_and_start_order(config):
     svcs = config["services"]
-    for name in SERVICES:
+    for name in SERVICES - {"minio-init"}:  # a one-shot job: it exits, it is not healthy
         assert svcs[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert "/api/health" in " ".join(svcs["prefect-server"]["healthcheck"]["test"])
     for name, svc in svcs.items():
@@ -170,8 +210,8 @@ def test_two_workers_and_the_flows_point_at_the_services(config):
     env = svcs["flows"]["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["DASK_SCHEDULER_ADDRESS"] == "tcp://scheduler:8786"
-    images = {svc.get("image") for svc in svcs.values()}
-    assert len(images) == 1, images  # one image for all
+    images = {svcs[n].get("image") for n in GRADPIPE_SERVICES}
+    assert images == {"gradpipe:latest"}, images  # one image for all of gradpipe
 
 
 def test_dockerfile_and_dockerignore():
@@ -182,7 +222,7 @@ def test_dockerfile_and_dockerignore():
     assert any("pip install ." in ln for ln in lines)
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), users
-    assert any(ln.startswith("VOLUME") and "/data" in ln for ln in lines)
+    assert any(ln.startswith("VOLUME") and "/data" in ln and "/prefect" in ln for ln in lines)
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".venv", "data", ".git"):
         assert entry in ignored, entry
@@ -233,7 +273,7 @@ def test_tls_override_secures_every_dask_connection(config, tls_config, tmp_path
     for name in ("scheduler", "worker", "flows"):
         mounts = {v["target"]: v for v in svcs[name]["volumes"]}
         assert mounts["/tls"]["source"] == str(ROOT / "tls") and mounts["/tls"].get("read_only"), name
-        assert Path(mounts["/data"]["source"]) == ROOT / "data", name  # the base mount is kept
+        assert svcs[name]["environment"]["GRADPIPE_DATA_DIR"] == "s3://gradpipe", name  # the base data is kept
     assert "tls" in (ROOT / ".dockerignore").read_text().split()  # keys never baked into the image
 
 

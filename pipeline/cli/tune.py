@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from pipeline.cli._common import positive_int
 from pipeline.config import MODELS, PERSIST
+from pipeline.store import location
+from pipeline.store.runs import store_exists
 
 
 def _floats(text: str) -> list[float]:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 result = tune(args.dataset, config, client=client, runs_dir=args.runs_dir,
                               tunes_dir=args.tunes_dir, tune_id=tune_id)
     except KeyboardInterrupt:
-        if (Path(args.tunes_dir) / f"{tune_id}.zarr").exists():
+        if store_exists(location.join(args.tunes_dir, f"{tune_id}.zarr")):
             print(f"tune {tune_id} interrupted; its committed iterations are kept. Resume with: gradpipe tune "
                   f"--resume {tune_id} --tunes-dir {args.tunes_dir} --runs-dir {args.runs_dir}", file=sys.stderr)
         raise

@@ -11,6 +11,9 @@ Layout (a Zarr v3 group ``<tunes_dir>/<tune_id>.zarr``):
   SIGKILL between the two leaves a row nobody reads), ``resume`` (small counters for row ``committed``),
   ``status``, ``message``, ``result`` (the CV table and the choice), ``refit`` (the run id of the refit),
   ``version``, ``started``. Read them through the properties below.
+
+Like a run store, a tune store lives on a local disk or an object store (``s3://bucket/tunes/<id>.zarr``),
+with the same ordering guarantee (the data chunks are durable before ``committed`` names them).
 """
 
 from __future__ import annotations
@@ -25,26 +28,32 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import GradpipeError
+from pipeline.store import location
+from pipeline.store.runs import _zarr_store, store_exists
 
 FORMAT_VERSION = 1
 
 
 class TuneStore:
-    def __init__(self, group: zarr.Group, path: Path):
-        self.group, self.path = group, path
+    def __init__(self, group: zarr.Group, path: str | Path):
+        self.group, self.uri = group, location.absolute(path)
         self._attrs = group.attrs.asdict()
 
     @property
+    def path(self) -> str | Path:
+        """The store's location: a ``Path`` on a local disk, else its URI (as :attr:`RunStore.path`)."""
+        return self.uri if location.is_remote(self.uri) else Path(self.uri)
+
+    @property
     def tune_id(self) -> str:
-        return self.path.name.removesuffix(".zarr")
+        return location.name(self.uri).removesuffix(".zarr")
 
     @classmethod
     def create(cls, path: str | Path, *, config: dict, dataset: dict, version: str) -> TuneStore:
-        path = Path(path)
-        if path.exists():
+        if store_exists(path):
             raise GradpipeError(f"tune store {path} already exists; choose another --tune-id or continue it "
-                                f"with `gradpipe tune --resume {path.name.removesuffix('.zarr')}`.")
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+                                f"with `gradpipe tune --resume {location.name(path).removesuffix('.zarr')}`.")
+        group = zarr.open_group(_zarr_store(str(path)), mode="w-", zarr_format=3)
         group.attrs.put({"gradpipe": {"kind": "tune", "format_version": FORMAT_VERSION}, "config": config,
                          "dataset": dataset, "committed": -1, "resume": {}, "grid": None, "status": "running",
                          "message": "", "result": None, "refit": None, "version": version,
@@ -53,11 +62,10 @@ class TuneStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> TuneStore:
-        path = Path(path)
-        if not path.exists():
+        if not store_exists(path):
             raise GradpipeError(f"tune {path} does not exist.")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(_zarr_store(str(path), read_only=mode == "r"), mode=mode)
         except Exception as exc:  # noqa: BLE001 - garbage metadata
             raise GradpipeError(f"{path} is not a gradpipe tune store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "tune":
