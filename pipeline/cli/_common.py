@@ -6,10 +6,7 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
-
-from pipeline.errors import GradpipeError
 
 DEFAULT_RUNS_DIR = "data/runs"
 
@@ -28,27 +25,6 @@ def positive_int(text: str) -> int:
 def add_runs_dir(p) -> None:
     p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
                    help=f"where run stores live (default {DEFAULT_RUNS_DIR})")
-
-
-def resolve_run(run: str | Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
-    """A run id (looked up in ``runs_dir``) or a path to a ``.zarr`` run store → the store's path.
-
-    An existing path wins, so ``data/runs/x.zarr`` and ``x`` name the same run; a miss says where it looked.
-    """
-    text = str(run).rstrip("/")
-    as_path = Path(text)
-    if as_path.suffix == ".zarr" or os.sep in text:
-        if as_path.exists():
-            return as_path
-    by_id = Path(runs_dir) / f"{text.removesuffix('.zarr')}.zarr"
-    if by_id.exists():
-        return by_id
-    from pipeline.store.runs import RunStore
-
-    if RunStore.has_metadata(as_path):
-        return as_path
-    raise GradpipeError(f"no run {text!r}: neither a run store path nor a run id in {runs_dir} "
-                        f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
 
 
 def json_safe(value: Any) -> Any:
