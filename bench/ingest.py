@@ -13,6 +13,7 @@ parse/encode/write, not the disk. "vs pyarrow" is speed relative to parsing alon
 
     python bench/ingest.py --quick          # smoke run, seconds
     python bench/ingest.py                  # ≥ 1 GB of CSV; several minutes on 2 cores
+    python bench/ingest.py --target s3      # local against S3 ingest of the same files (bench/object_store.py)
 """
 
 from __future__ import annotations
@@ -46,13 +47,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", help="where to put the data (default: a new temp dir)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--keep", action="store_true", help="keep the generated CSV files and stores")
-    p.add_argument("--out", default=str(RESULTS), help=f"JSON results (default {RESULTS.relative_to(REPO)})")
+    p.add_argument("--target", choices=("local", "s3"), default="local",
+                   help="s3: ingest into a dataset on a local S3 server (moto) against local ingest of the same "
+                        "files, and streamed training from both: bench/object_store.py, with --rows, --features, "
+                        "--files, --repeats, --workers, --quick")
+    p.add_argument("--out", help=f"JSON results (default {RESULTS.relative_to(REPO)}; --target s3: "
+                                 f"bench/results/object_store.json)")
     args = p.parse_args(argv)
+    if args.target == "s3":
+        keep = {"--rows": args.rows, "--features": args.features, "--files": args.files, "--repeats": args.repeats,
+                "--workers": args.workers, "--out": args.out}
+        return _object_store().parse_args([a for k, v in keep.items() if v is not None for a in (k, str(v))]
+                                          + (["--quick"] if args.quick else []))
+    args.out = args.out or str(RESULTS)
     args.rows = args.rows or (200_000 if args.quick else 5_000_000)
     args.files = args.files or (4 if args.quick else 8)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.chunk_mb = args.chunk_mb or (4.0 if args.quick else 64.0)
     return args
+
+
+def _object_store():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import object_store
+
+    return object_store
 
 
 def tree_bytes(path: Path) -> int:
@@ -156,6 +175,8 @@ def warm_up(work: Path, client, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if not hasattr(args, "chunk_mb"):  # --target s3
+        return _object_store().run(args)
     from pipeline.cluster import dask_client
     from pipeline.store.dataset import chunk_rows_for
     from pipeline.synth import SynthSpec, make_data
@@ -247,6 +268,8 @@ def summarize(args: argparse.Namespace, gen, times: dict[str, list[float]], extr
 
 
 def print_table(res: dict) -> None:
+    if "ingest_ratio" in res:  # --target s3
+        return _object_store().print_table(res)
     c = res["config"]
     print(f"\ningest: {c['rows']:,} rows × {c['features']} features, {c['files']} CSV files "
           f"({res['data']['csv_bytes'] / 1e9:.2f} GB), {c['workers']} workers × 1 thread, "

@@ -6,7 +6,12 @@ bucket, and measures on one LocalCluster:
 - ingest: local files → local dataset, against s3 files → s3 dataset (workers read byte ranges from the
   store and write chunk objects to it); the two datasets must hold identical X and y;
 - training streamed from the dataset (``persist="no"``: every pass reads every chunk from the store), per
-  iteration: the median of the run store's elapsed-time differences.
+  iteration: the median of the run store's elapsed-time differences;
+- checkpointing with the run store on s3 against a local run store (the local dataset held in memory, so
+  an iteration is as short as it gets and the checkpoint's share as large): the loop's checkpoint cost
+  (``FitResult.checkpoint_seconds``) as a share of the run, and the background writer's time per
+  iteration. The cost is per iteration and does not grow with rows, so a share measured here bounds the
+  share at 10M rows.
 
 Ratios are s3 / local, measured in the same run (the machine is shared and noisy). moto keeps objects in
 memory and answers over loopback HTTP: it measures our request pattern and per-request overheads, not a
@@ -14,6 +19,7 @@ real network's bandwidth.
 
     .venv/bin/python bench/object_store.py                 # 1,000,000 rows × 20 features
     .venv/bin/python bench/object_store.py --quick         # a smoke run
+    .venv/bin/python bench/ingest.py --target s3           # the same script
 """
 
 from __future__ import annotations
@@ -106,12 +112,19 @@ def run(args: argparse.Namespace) -> dict:
         for target, ds in (("local", str(work / "ds0.zarr")), ("s3", "s3://gradpipe-bench/datasets/ds0")):
             fit = train(ds, cfg, client=client, runs_dir=work / "runs", run_id=f"it-{target}")
             iters[target] = per_iteration(fit.run_uri)
+        ckpt = {}
+        cfg = TrainConfig(solver="gd", max_iter=args.iters * 4, tol=0, gtol=0, persist="yes")
+        for target, runs in (("local", str(work / "runs")), ("s3", "s3://gradpipe-bench/runs")):
+            fit = train(str(work / "ds0.zarr"), cfg, client=client, runs_dir=runs, run_id=f"ck-{target}")
+            ckpt[target] = {"iteration_s": fit.seconds_per_iter, "pct": 100 * fit.checkpoint_seconds / fit.seconds,
+                            "write_s_per_iter": fit.checkpoint_write_seconds / max(fit.n_iter, 1)}
     server.stop()
     ingest_s = {k: statistics.median(v) for k, v in times.items()}
     return {"rows": args.rows, "features": args.features, "files": args.files, "workers": args.workers,
             "csv_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
             "ingest_s": ingest_s, "ingest_ratio": ingest_s["s3"] / ingest_s["local"],
-            "iteration_s": iters, "iteration_ratio": iters["s3"] / iters["local"], "ingest_runs": times}
+            "iteration_s": iters, "iteration_ratio": iters["s3"] / iters["local"], "ingest_runs": times,
+            "checkpoint": ckpt}
 
 
 def print_table(res: dict) -> None:
@@ -122,6 +135,11 @@ def print_table(res: dict) -> None:
           f"{res['ingest_ratio']:>10.2f}")
     print(f"{'streamed iteration, s':28}{res['iteration_s']['local']:>10.3f}{res['iteration_s']['s3']:>12.3f}"
           f"{res['iteration_ratio']:>10.2f}")
+    ck = res["checkpoint"]
+    print(f"{'in-memory iteration, s':28}{ck['local']['iteration_s']:>10.4f}{ck['s3']['iteration_s']:>12.4f}")
+    print(f"{'checkpoint, % of the run':28}{ck['local']['pct']:>10.2f}{ck['s3']['pct']:>12.2f}")
+    print(f"{'background write, s/iter':28}{ck['local']['write_s_per_iter']:>10.4f}"
+          f"{ck['s3']['write_s_per_iter']:>12.4f}")
 
 
 if __name__ == "__main__":

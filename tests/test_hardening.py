@@ -359,8 +359,10 @@ def test_ctrl_c_in_a_terminal_stops_ingest_and_leaves_the_dataset_as_it_was(tmp_
     ds = tmp_path / "ds.zarr"
     ingest([str(raw / "a.csv")], ds, "y", client)
     before = dataset_state(ds)
-    X2, y2 = make_xy(300_000, 4, seed=2)  # ~30 MB of CSV: seconds of parsing on 2 cores
-    write_csv(raw / "b.csv", X2, y2)
+    # Three new files on two workers: the third is still to be parsed when the first one's chunks appear, so
+    # the interrupt lands mid-append however fast the machine is (one file could finish before it landed).
+    for k in range(3):
+        write_csv(raw / f"b{k}.csv", *make_xy(150_000, 4, seed=2 + k))
     argv = [*gradpipe(), "ingest", str(raw), "--dataset", str(ds), "--target", "y", "--workers", "2",
             "--chunk-mb", "1"]
     term = Terminal(argv, cwd=tmp_path)
@@ -376,4 +378,4 @@ def test_ctrl_c_in_a_terminal_stops_ingest_and_leaves_the_dataset_as_it_was(tmp_
     assert dataset_state(ds) == before
     assert main(["ingest", str(raw), "--dataset", str(ds), "--target", "y", "--scheduler", client.scheduler.address,
                  "--json"]) == 0
-    assert read_info(ds).n_rows == 302_000
+    assert read_info(ds).n_rows == 452_000
