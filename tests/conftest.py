@@ -30,8 +30,17 @@ def _free_port() -> int:
 
 # The S3-compatible server (moto, started by the ``s3`` fixture) is reached exactly as AWS would be: through
 # the standard variables. They are set here, before any cluster starts, so worker processes inherit them.
-# Test modules import this file again as ``tests.conftest``: the port is chosen once per session.
-S3_PORT = int(os.environ.setdefault("GRADPIPE_TEST_S3_PORT", str(_free_port())))
+# Test modules import this file again as ``tests.conftest``: the port is chosen once per process, and a
+# process that inherited another's choice (an xdist worker, from its controller) chooses its own.
+def _session_port() -> int:
+    pid, _, port = os.environ.get("GRADPIPE_TEST_S3_PORT", "").partition(":")
+    if pid != str(os.getpid()):
+        port = str(_free_port())
+        os.environ["GRADPIPE_TEST_S3_PORT"] = f"{os.getpid()}:{port}"
+    return int(port)
+
+
+S3_PORT = _session_port()
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 os.environ["AWS_ACCESS_KEY_ID"] = "gradpipe-test"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "gradpipe-test-secret"

@@ -89,15 +89,15 @@ def test_train_evaluate_and_sigkill_resume_on_an_s3_dataset(tmp_path, client, sc
     X, y = make_xy(6000, 5, seed=32)
     src = put(write_csv(tmp_path / "a.csv", X, y), f"{s3_bucket}/raw/a.csv")
     ds = f"{s3_bucket}/datasets/train"
-    ingest([src], ds, "y", client, chunk_mb=0.02)
+    ingest([src], ds, "y", client, chunk_mb=0.05)  # 5 chunks: several tasks per pass, few requests
     exact = train(ds, TrainConfig(solver="exact", standardize=False), client=client, runs_dir=tmp_path, run_id="ex")
     ref = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0]
     assert np.allclose([*exact.coef, exact.intercept], ref, rtol=1e-8, atol=1e-8)  # TSQR vs LAPACK rounding
     metrics = evaluate(tmp_path / "ex.zarr", ds, client=client)
     resid = y - np.column_stack([X, np.ones(len(X))]) @ ref
     assert metrics["mse"] == pytest.approx(float(resid @ resid / len(y)), rel=1e-9)
-    cfg = ["--solver", "adam", "--max-iter", "60", "--tol", "0", "--gtol", "0", "--seed", "5", "--persist", "no"]
-    train(ds, TrainConfig(solver="adam", max_iter=60, tol=0, gtol=0, seed=5, persist="no"), client=client,
+    cfg = ["--solver", "adam", "--max-iter", "25", "--tol", "0", "--gtol", "0", "--seed", "5", "--persist", "no"]
+    train(ds, TrainConfig(solver="adam", max_iter=25, tol=0, gtol=0, seed=5, persist="no"), client=client,
           runs_dir=tmp_path, run_id="whole")
     sigkill_training(ds, tmp_path, scheduler, cfg, at=10)
     assert resume("cut", runs_dir=tmp_path, client=client).status == "max_iter"
