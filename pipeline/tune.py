@@ -12,6 +12,7 @@ engine's fixed tree), so a SIGKILL + ``--resume`` ends with bit for bit the resu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -253,7 +254,8 @@ def _run(client, ds, cfg: TuneConfig, store: TuneStore, runs_dir: str | Path, fr
                 row = tuner.start()
             except BaseException:
                 if store.committed < 0:  # nothing to keep: the tune id can start again
-                    remove_store(store.uri)
+                    with contextlib.suppress(OSError):  # the original error is the one to report
+                        remove_store(store.uri)
                 raise
             if tuner.grid is not None:
                 store.set_grid(tuner.grid)

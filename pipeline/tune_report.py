@@ -86,11 +86,11 @@ def cv_curve_path(tune_uri: str | Path) -> str | Path:
     import zarr
 
     from pipeline.store import location
-    from pipeline.store.runs import _zarr_store, store_exists
+    from pipeline.store.runs import store_exists, zarr_store
 
     path = location.join(tune_uri, REPORT_GROUP)
     if not store_exists(location.join(path, "zarr.json")):
-        zarr.open_group(_zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+        zarr.open_group(zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
     png = location.join(path, CV_CURVE_FILE)
     return png if location.is_remote(png) else Path(png)
 

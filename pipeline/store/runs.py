@@ -153,7 +153,7 @@ def resolve_run(run: str | Path, runs_dir: str | Path) -> str | Path:
                         f"(see `gradpipe runs list --runs-dir {runs_dir}`).")
 
 
-def _zarr_store(path: str, read_only: bool = False):
+def zarr_store(path: str, read_only: bool = False):
     """What Zarr opens: the local path itself (its LocalStore, temp+rename writes) or an FsspecStore."""
     if not location.is_remote(path):
         return path
@@ -220,7 +220,7 @@ class RunStore:
             try:
                 node = json.loads(self._fs.cat_file(found))
                 if node.get("node_type") == "array":
-                    zarr.open_array(_zarr_store(location.parent(meta), read_only=True), mode="r")
+                    zarr.open_array(zarr_store(location.parent(meta), read_only=True), mode="r")
             except Exception as bad:  # noqa: BLE001 - the first file that does not parse is the culprit
                 return GradpipeError(f"run {self.run_id}: {meta} is unreadable ({_why(bad)}); the run store is "
                                      f"damaged: restore it from a backup or train the run again.")
@@ -248,7 +248,7 @@ class RunStore:
                state_shapes: dict[str, tuple[int, ...]], version: str) -> RunStore:
         if store_exists(path):
             raise GradpipeError(f"run store {path} already exists; choose another --run-id or --resume it.")
-        group = zarr.open_group(_zarr_store(str(path)), mode="w-", zarr_format=3)
+        group = zarr.open_group(zarr_store(str(path)), mode="w-", zarr_format=3)
         d = n_params - 1
         arrays = {"theta": (n_params,), "grad": (n_params,), "coef": (d,), "intercept": (),
                   **{s: () for s in SCALARS}}
@@ -267,7 +267,7 @@ class RunStore:
         if not store_exists(path):
             raise GradpipeError(f"run {path} does not exist (see `gradpipe runs list`).")
         try:
-            group = zarr.open_group(_zarr_store(str(path), read_only=mode == "r"), mode=mode)
+            group = zarr.open_group(zarr_store(str(path), read_only=mode == "r"), mode=mode)
         except Exception as exc:  # noqa: BLE001
             raise GradpipeError(f"{path} is not a gradpipe run store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "run":
@@ -462,7 +462,7 @@ class RunStore:
         hierarchy" (an error under ``-W error``); a subgroup is a member it recognizes."""
         path = location.join(self.uri, REPORT_GROUP)
         if not self._isfile(REPORT_GROUP, "zarr.json"):
-            zarr.open_group(_zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
+            zarr.open_group(zarr_store(path), mode="a", zarr_format=3, attributes={"gradpipe": {"kind": "report"}})
         return path if location.is_remote(path) else Path(path)
 
     @property

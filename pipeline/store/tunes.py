@@ -29,7 +29,7 @@ from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import GradpipeError
 from pipeline.store import location
-from pipeline.store.runs import _zarr_store, store_exists
+from pipeline.store.runs import store_exists, zarr_store
 
 FORMAT_VERSION = 1
 
@@ -53,7 +53,7 @@ class TuneStore:
         if store_exists(path):
             raise GradpipeError(f"tune store {path} already exists; choose another --tune-id or continue it "
                                 f"with `gradpipe tune --resume {location.name(path).removesuffix('.zarr')}`.")
-        group = zarr.open_group(_zarr_store(str(path)), mode="w-", zarr_format=3)
+        group = zarr.open_group(zarr_store(str(path)), mode="w-", zarr_format=3)
         group.attrs.put({"gradpipe": {"kind": "tune", "format_version": FORMAT_VERSION}, "config": config,
                          "dataset": dataset, "committed": -1, "resume": {}, "grid": None, "status": "running",
                          "message": "", "result": None, "refit": None, "version": version,
@@ -65,7 +65,7 @@ class TuneStore:
         if not store_exists(path):
             raise GradpipeError(f"tune {path} does not exist.")
         try:
-            group = zarr.open_group(_zarr_store(str(path), read_only=mode == "r"), mode=mode)
+            group = zarr.open_group(zarr_store(str(path), read_only=mode == "r"), mode=mode)
         except Exception as exc:  # noqa: BLE001 - garbage metadata
             raise GradpipeError(f"{path} is not a gradpipe tune store ({exc}).") from None
         if group.attrs.get("gradpipe", {}).get("kind") != "tune":
