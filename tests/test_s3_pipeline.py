@@ -62,6 +62,22 @@ def test_ingest_from_s3_into_s3_equals_local(tmp_path, client, raw):
     assert again.appended_files == [] and again.snapshot == first.snapshot
 
 
+def test_requests_per_object_reads_the_same_rows(tmp_path, client, raw, monkeypatch):
+    """The storage option capping Icechunk's concurrent ranged GETs per chunk object changes how a dataset is
+    read, not what (the local dataset is the reference); s3fs, which would reject it, never receives it (the
+    driver lists, plans and reads raw objects with it set); a bad value is refused, naming the option."""
+    local = ingest([raw["local"][0]], tmp_path / "l.zarr", "y", client, chunk_mb=0.004)
+    monkeypatch.setenv(location.OPTIONS_ENV, '{"requests_per_object": 1}')
+    assert location.icechunk_config(raw["bucket"]) is not None and location.icechunk_config(tmp_path) is None
+    remote = ingest([f"{raw['bucket']}/raw/a.*"], f"{raw['bucket']}/datasets/rpo", "y", client, chunk_mb=0.004)
+    a, b = open_dataset(local.dataset), open_dataset(remote.dataset)
+    assert b.n_chunks > 1
+    assert np.array_equal(a.X.compute(scheduler="sync"), b.X.compute(scheduler="sync"))  # read in this process
+    monkeypatch.setenv(location.OPTIONS_ENV, '{"requests_per_object": 0}')
+    with pytest.raises(GradpipeError, match="requests_per_object must be a whole number ≥ 1, not 0"):
+        open_dataset(f"{raw['bucket']}/datasets/other")
+
+
 def test_changed_object_is_detected_by_its_etag(tmp_path, client, raw):
     ds = f"{raw['bucket']}/datasets/etag"
     ingest([raw["remote"][0]], ds, "y", client)

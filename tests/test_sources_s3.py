@@ -137,6 +137,14 @@ def test_file_identity_follows_the_object(tmp_path, raw):
     assert set(local) == {"size", "mtime", "mtime_ns", "ctime_ns", "inode"}
 
 
+def test_remote_files_are_mapped_in_order_and_the_first_failure_raised(raw):
+    b = raw["bucket"]
+    files = [f"{b}/raw/{n}" for n in ("a.csv", "b.parquet", "c.npy")]
+    assert sources.map_files(sources.read_columns, files) == [sources.read_columns(f) for f in files]
+    with pytest.raises(GradpipeError, match="raw/missing.csv does not exist"):
+        sources.map_files(sources.read_columns, [files[0], f"{b}/raw/missing.csv", f"{b}/raw/gone.csv"])
+
+
 def test_the_driver_reads_headers_not_files(tmp_path, s3_bucket, monkeypatch):
     """Counts the bytes the real s3fs file objects fetch (a spy that calls through): reading the header of and
     planning a 5.7 MB CSV (6 pieces), a Parquet file and an npy file fetches a small fraction of each."""
@@ -159,4 +167,6 @@ def test_the_driver_reads_headers_not_files(tmp_path, s3_bucket, monkeypatch):
         fetched.clear()
         pieces, _ = sources.plan_pieces(uri, sources.read_columns(uri))
         assert len(pieces) > 1
+        if name == "a.csv":  # one GET for the header, one for the header and first rows, one per line end
+            assert len(fetched) == len(pieces) + 1, fetched
         assert 0 < sum(fetched) < os.path.getsize(tmp_path / name) / 4, (name, sum(fetched))

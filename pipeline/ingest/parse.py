@@ -77,7 +77,8 @@ def piece_meta(parsed: Parsed) -> PieceMeta:
     return parsed.meta
 
 
-HASH_BLOCK = 8 * 2**20  # bytes per ranged GET while hashing a remote file: few requests, bounded memory
+HASH_BLOCK = 64 * 2**20  # bytes per ranged GET while hashing a remote file: few requests (one for most
+# files; per-request cost, not bandwidth, dominates small GETs), memory bounded as a chunk write is
 
 
 def file_sha256(path: str) -> str:

@@ -28,6 +28,7 @@ from pipeline.ingest.sources import (
     discover,
     file_format,
     file_identity,
+    map_files,
     npy_column_names,
     plan_pieces,
     read_columns,
@@ -146,9 +147,10 @@ def _ingest_into(tx: Transaction, old: DatasetInfo | None, files: list[str], tar
     if not new_files:
         return IngestResult(path, old.n_rows if old else 0, tx.parent, old.n_features if old else 0,
                             old.feature_names if old else [], skipped_files=[str(f) for f in skipped])
-    schema = _resolve_schema(new_files, base, target, features, dtype, on_invalid, weight, offset)
+    columns = dict(zip(new_files, map_files(read_columns, new_files), strict=True))
+    schema = _resolve_schema(new_files, columns, base, target, features, dtype, on_invalid, weight, offset)
     with _connected(client, scheduler, workers, announce) as c:
-        info, dropped = _build(tx, base, new_files, schema, c, chunk_mb, compressor, on_piece)
+        info, dropped = _build(tx, base, new_files, columns, schema, c, chunk_mb, compressor, on_piece)
     n_new = info.n_rows - (base.n_rows if base else 0)
     what = "rebuilt from" if replace and base is None and old is not None else "added"
     names = ", ".join(location.name(f) for f in new_files[:5]) + (f" and {len(new_files) - 5} more"
@@ -234,9 +236,10 @@ def _classify(files: list[str], old: DatasetInfo | None, replace: bool) -> tuple
     return new, skipped
 
 
-def _resolve_schema(files: list[str], base: DatasetInfo | None, target: str, features: list[str] | None,
-                    dtype: str, on_invalid: str, weight: str | None = None, offset: str | None = None) -> Schema:
-    columns = read_columns(files[0])
+def _resolve_schema(files: list[str], columns_of: dict[str, list[str]], base: DatasetInfo | None, target: str,
+                    features: list[str] | None, dtype: str, on_invalid: str, weight: str | None = None,
+                    offset: str | None = None) -> Schema:
+    columns = columns_of[files[0]]
     explicit = features is not None
     if base is not None:  # target, features, weight and offset were checked against it (_check_same_schema)
         features = features or base.feature_names
@@ -269,7 +272,7 @@ def _resolve_schema(files: list[str], base: DatasetInfo | None, target: str, fea
                             f"{[*base.feature_names, base.target, *(c for _, c in extras)]}.")
     for f in files[1:]:
         # Columns are matched by name, so their order may differ; with --features, extra columns are fine.
-        cols = set(read_columns(f))
+        cols = set(columns_of[f])
         if cols != set(columns) and not (explicit and {*features, *special} <= cols):
             extra, lacking = sorted(cols - set(columns)), sorted(set(columns) - cols)
             raise GradpipeError(f"{f}: columns differ from {files[0]} (extra: {extra or 'none'}, "
@@ -278,11 +281,11 @@ def _resolve_schema(files: list[str], base: DatasetInfo | None, target: str, fea
                   offset=offset)
 
 
-def _build(tx: Transaction, base: DatasetInfo | None, files: list[str], schema: Schema,
-           client: Client, chunk_mb: float, compressor: str,
+def _build(tx: Transaction, base: DatasetInfo | None, files: list[str], columns_of: dict[str, list[str]],
+           schema: Schema, client: Client, chunk_mb: float, compressor: str,
            on_piece: OnPiece | None = None) -> tuple[DatasetInfo, int]:
     """Write all new rows and the final attrs into the transaction; returns the new info and rows dropped."""
-    plans = [plan_pieces(f, read_columns(f)) for f in files]
+    plans = map_files(lambda f: plan_pieces(f, columns_of[f]), files)
     pieces = [p for ps, _ in plans for p in ps]
     bound = sum(b for _, b in plans)
     d = len(schema.features)
@@ -297,7 +300,7 @@ def _build(tx: Transaction, base: DatasetInfo | None, files: list[str], schema: 
     fork = tx.fork()
     # Hashing re-reads each file; at low priority it runs after the parsing, from the page cache. The
     # identity is taken first: a file modified during ingest then looks changed and is re-hashed next time.
-    identities = {str(f): file_identity(f) for f in files}
+    identities = dict(zip(map(str, files), map_files(file_identity, files), strict=True))
     # Task keys name the work on the dashboard (gradpipe-ingest-<dataset>…); the per-call token keeps them
     # unique on a shared cluster, where a key another ingest still holds would hand back that one's data.
     tag = f"{location.name(tx.uri).removesuffix('.zarr')}-{uuid.uuid4().hex[:12]}"

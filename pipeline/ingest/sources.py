@@ -10,10 +10,12 @@ import csv
 import glob
 import io
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 
@@ -24,6 +26,8 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"
 COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 PIECE_BYTES = 32 * 2**20  # bytes of raw input per parse task: bounds a task's memory whatever the file size
 HEADER_BLOCK = 2**16  # bytes per remote read while reading a header or looking for a line end
+REMOTE_THREADS = 16  # concurrent header and metadata requests while planning remote files
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,17 +88,18 @@ def _discover_remote(src: str) -> list[str]:
     fs.invalidate_cache()  # listings cached earlier in this process would hide objects added since
     found: list[str] = []
     try:
-        if glob.has_magic(path):
-            matches = [(m, f"{scheme}://{m}") for m in sorted(fs.glob(path))]
+        if glob.has_magic(path):  # the listing tells files from prefixes: no request per match
+            infos = fs.glob(path, detail=True)
+            matches = [(m, f"{scheme}://{m}", infos[m].get("type")) for m in sorted(infos)]
             if not matches:
                 raise GradpipeError(f"no files match {src!r}.")
         else:
-            matches = [(path, src)]
-        for m, shown in matches:
-            if fs.isfile(m):
+            matches = [(path, src, None)]
+        for m, shown, kind in matches:
+            if kind == "file" or (kind is None and fs.isfile(m)):
                 _check_suffix(shown)
                 found.append(f"{scheme}://{m}")
-            elif fs.isdir(m):
+            elif kind == "directory" or (kind is None and fs.isdir(m)):
                 found.extend(f"{scheme}://{p}" for p in _remote_directory(fs, m, shown.rstrip("/")))
             else:
                 raise GradpipeError(f"{shown} does not exist.")
@@ -117,6 +122,17 @@ def _remote_directory(fs, path: str, shown: str) -> list[str]:
     if not inside:
         raise GradpipeError(f"directory {shown} holds no .csv, .parquet or .npy files.")
     return inside
+
+
+def map_files(fn: Callable[[str], T], files: list[str]) -> list[T]:
+    """``[fn(f) for f in files]``, concurrently when files are on an object store: each call mostly waits
+    on requests (a header, a line end), so threads overlap the round trips and planning a thousand objects
+    takes seconds rather than minutes. Results keep the files' order; the first failing file's error is
+    raised, as the loop would."""
+    if len(files) < 2 or not any(location.is_remote(f) for f in files):
+        return [fn(f) for f in files]
+    with ThreadPoolExecutor(min(REMOTE_THREADS, len(files))) as pool:
+        return list(pool.map(fn, files))
 
 
 def remote_file(path: str):
@@ -261,9 +277,11 @@ def plan_pieces(path: str, columns: list[str]) -> tuple[list[Piece], int]:
 
 
 def _plan_csv(path: str, size: int, columns: tuple[str, ...]) -> tuple[list[Piece], int]:
-    with open_source(path) as fh:
+    with open_source(path) as fh:  # one file: the header, the first data block and the line ends it holds
         fh.readline()
         start = fh.tell()
+        if not _has_data(fh, min(size, start + PIECE_BYTES)):
+            return [], 0
         bounds = [start]
         while bounds[-1] < size:
             target = bounds[-1] + PIECE_BYTES
@@ -273,26 +291,23 @@ def _plan_csv(path: str, size: int, columns: tuple[str, ...]) -> tuple[list[Piec
             fh.seek(target)
             fh.readline()  # move to the start of the next line so no row is split
             bounds.append(min(fh.tell(), size))
-    if not _has_data(path, start, min(size, start + PIECE_BYTES)):
-        return [], 0
     pieces = [Piece(str(path), "csv", i, a, b, columns) for i, (a, b) in enumerate(pairwise(bounds)) if b > a]
     # A row holds n_columns-1 separators and a newline, so at least n_columns bytes even with empty cells
     # (the last line may lack its newline: +1). Blank lines hold no row.
     return pieces, (size - start) // len(columns) + 1
 
 
-def _has_data(path: str, start: int, stop: int) -> bool:
-    """Whether bytes ``[start, stop)`` hold anything but whitespace, read in small blocks that stop at the first
-    non-blank one (almost always the first block, rather than a whole piece fetched from an object store)."""
-    with open_source(path) as fh:
-        fh.seek(start)
-        while start < stop:
-            block = fh.read(min(HEADER_BLOCK, stop - start))
-            if not block:
-                return False
-            if block.strip():
-                return True
-            start += len(block)
+def _has_data(fh: IO[bytes], stop: int) -> bool:
+    """Whether the bytes from ``fh``'s position to ``stop`` hold anything but whitespace, read in small blocks
+    that stop at the first non-blank one (almost always the first, already fetched with the header)."""
+    start = fh.tell()
+    while start < stop:
+        block = fh.read(min(HEADER_BLOCK, stop - start))
+        if not block:
+            return False
+        if block.strip():
+            return True
+        start += len(block)
     return False
 
 

@@ -267,7 +267,7 @@ def _open_repo(uri: str):
 
     if not location.is_remote(uri) and not Path(uri).exists():  # asking Icechunk would create the directory
         raise GradpipeError(f"dataset {uri} does not exist (create it with `gradpipe ingest`).")
-    storage = location.icechunk_storage(uri)
+    storage, config = location.icechunk_storage(uri), location.icechunk_config(uri)
     try:
         exists = icechunk.Repository.exists(storage)
     except Exception as exc:  # noqa: BLE001 - unreachable endpoint, denied credentials, no bucket
@@ -281,7 +281,7 @@ def _open_repo(uri: str):
             raise GradpipeError(f"{uri} is not a gradpipe dataset (a file, not a dataset directory).")
         raise GradpipeError(f"dataset {uri} does not exist (create it with `gradpipe ingest`).")
     try:
-        return icechunk.Repository.open(storage)
+        return icechunk.Repository.open(storage, config=config)
     except Exception as exc:  # noqa: BLE001 - a damaged repository
         raise GradpipeError(f"{uri} is not a readable gradpipe dataset ({_why(exc)}).") from None
 

@@ -93,9 +93,14 @@ def set_storage_options(opts: dict[str, Any]) -> None:
         os.environ[OPTIONS_ENV] = json.dumps(opts)
 
 
+ICECHUNK_ONLY = ("requests_per_object",)  # options for dataset reads alone, never passed to fsspec
+
+
 def _fsspec_options(proto: str) -> dict[str, Any]:
     """Our option names as the fsspec implementation spells them (s3fs puts the region in client_kwargs)."""
     opts = storage_options(proto)
+    for key in ICECHUNK_ONLY:
+        opts.pop(key, None)
     if proto in ("s3", "s3a"):
         region = opts.pop("region", None)
         if region:
@@ -131,6 +136,22 @@ def _quiet_icechunk() -> None:
     import icechunk
 
     icechunk.set_logs_filter("error")
+
+
+def icechunk_config(uri: str | Path):
+    """The Icechunk ``RepositoryConfig`` for reading a dataset at ``uri``: None (Icechunk's defaults) unless
+    ``requests_per_object`` is set. Icechunk splits a large chunk object into concurrent ranged GETs, which
+    is fastest against S3; a server that answers each ranged GET by reading the whole object (moto does)
+    then does that work several times per chunk, and is fastest at 1."""
+    import icechunk
+
+    n = storage_options(protocol(uri)).get("requests_per_object") if is_remote(uri) else None
+    if n is None:
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise GradpipeError(f"storage option requests_per_object must be a whole number ≥ 1, not {n!r}.")
+    return icechunk.RepositoryConfig(storage=icechunk.StorageSettings(
+        concurrency=icechunk.StorageConcurrencySettings(max_concurrent_requests_for_object=n)))
 
 
 def icechunk_storage(uri: str | Path):
