@@ -268,9 +268,13 @@ class ChunkEngine:
         # holds (another store of the same name, a run id used in another runs dir) would hand back its data.
         self.name = Path(split_snapshot(str(store))[0].rstrip("/")).name.removesuffix(".zarr")
         self._token = uuid.uuid4().hex[:12]
+        try:  # workers still starting, or restarting after a crash, are waited for as during a run
+            client.wait_for_workers(1, timeout=WORKER_DEADLINE)
+        except TimeoutError:
+            raise GradpipeError(f"the Dask cluster at {client.scheduler.address} has no workers (waited "
+                                f"{WORKER_DEADLINE:.0f} s); start some (`dask worker "
+                                f"{client.scheduler.address}`) or check that they reach the scheduler.") from None
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
-        if not workers:
-            raise RuntimeError("the Dask cluster has no workers")
         memory = sum(w.get("memory_limit") or 0 for _, w in workers)
         if persist == "auto":
             persist = "yes" if not memory or self.nbytes <= PERSIST_FRACTION * memory else "no"

@@ -379,3 +379,22 @@ def test_ctrl_c_in_a_terminal_stops_ingest_and_leaves_the_dataset_as_it_was(tmp_
     assert main(["ingest", str(raw), "--dataset", str(ds), "--target", "y", "--scheduler", client.scheduler.address,
                  "--json"]) == 0
     assert read_info(ds).n_rows == 452_000
+
+
+def test_training_waits_for_a_worker_to_join_and_names_a_cluster_that_has_none(dataset, tmp_path, monkeypatch):
+    """A cluster whose workers are still starting (compose brings the scheduler up first) or restarting is
+    waited for; one that gets none within the deadline is one readable error naming the scheduler."""
+    import threading
+
+    from pipeline import engine
+    from pipeline.errors import GradpipeError
+
+    monkeypatch.setattr(engine, "WORKER_DEADLINE", 3.0)
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as lc, Client(lc) as c:
+        with pytest.raises(GradpipeError, match=rf"cluster at {lc.scheduler_address} has no workers \(waited 3 s\)"):
+            train(dataset, TrainConfig(max_iter=2), client=c, runs_dir=tmp_path, run_id="none")
+        monkeypatch.setattr(engine, "WORKER_DEADLINE", 120.0)
+        threading.Thread(target=lc.scale, args=(1,), daemon=True).start()  # joins while train waits
+        fit = train(dataset, TrainConfig(max_iter=2), client=c, runs_dir=tmp_path, run_id="late")
+        assert fit.status == "converged" and fit.n_iter >= 1
