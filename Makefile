@@ -35,7 +35,7 @@ lint: $(STAMP_DEV)
 
 test: $(STAMP_DEV)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 bench: $(STAMP_DEV)
 	@echo "installing the bench extras (dask-ml) into $(VENV): a few minutes the first time"

@@ -84,6 +84,18 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
+def _own_cpu() -> float:
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def workers_cpu(client) -> float:
+    """CPU seconds the cluster's worker processes have used so far."""
+    return sum(client.run(_own_cpu).values())
+
+
 def per_iteration(run_uri: str) -> float:
     from pipeline.store.runs import RunStore
 
@@ -131,15 +143,17 @@ def _measure(args: argparse.Namespace, server: subprocess.Popen, endpoint: str) 
         fs.put_file(str(f), f"gradpipe-bench/raw/{f.name}")
     times: dict[str, list[float]] = {"local": [], "s3": []}
     server_cpu: dict[str, list[float]] = {"ingest": [], "iteration": []}
+    worker_cpu: dict[str, list[float]] = {"local": [], "s3": []}
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as lc, Client(lc) as client:
         for i in range(args.repeats):
             for target in ("local", "s3"):
                 src = [str(f) for f in files] if target == "local" else ["s3://gradpipe-bench/raw/*.csv"]
                 ds = str(work / f"ds{i}.zarr") if target == "local" else f"s3://gradpipe-bench/datasets/ds{i}"
-                c0, t0 = moto_cpu(), time.perf_counter()
+                c0, w0, t0 = moto_cpu(), workers_cpu(client), time.perf_counter()
                 ingest(src, ds, "y", client, chunk_mb=args.chunk_mb)
                 times[target].append(time.perf_counter() - t0)
+                worker_cpu[target].append(workers_cpu(client) - w0)
                 if target == "s3":
                     server_cpu["ingest"].append(moto_cpu() - c0)
         a, b = open_dataset(work / "ds0.zarr"), open_dataset("s3://gradpipe-bench/datasets/ds0")
@@ -164,6 +178,7 @@ def _measure(args: argparse.Namespace, server: subprocess.Popen, endpoint: str) 
             "csv_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
             "ingest_s": ingest_s, "ingest_ratio": ingest_s["s3"] / ingest_s["local"],
             "iteration_s": iters, "iteration_ratio": iters["s3"] / iters["local"], "ingest_runs": times,
+            "ingest_worker_cpu_s": {k: statistics.median(v) for k, v in worker_cpu.items()},
             "server_cpu_s": {"ingest": statistics.median(server_cpu["ingest"]),
                              "iteration": server_cpu["iteration"][0]},
             "checkpoint": ckpt}
@@ -178,7 +193,8 @@ def print_table(res: dict) -> None:
     print(f"{'streamed iteration, s':28}{res['iteration_s']['local']:>10.3f}{res['iteration_s']['s3']:>12.3f}"
           f"{res['iteration_ratio']:>10.2f}")
     ck = res["checkpoint"]
-    cpu = res["server_cpu_s"]
+    cpu, wcpu = res["server_cpu_s"], res["ingest_worker_cpu_s"]
+    print(f"{'  workers CPU per ingest, s':28}{wcpu['local']:>10.2f}{wcpu['s3']:>12.2f}")
     print(f"{'  moto CPU per ingest, s':28}{'':>10}{cpu['ingest']:>12.2f}")
     print(f"{'  moto CPU per iteration, s':28}{'':>10}{cpu['iteration']:>12.3f}")
     print(f"{'in-memory iteration, s':28}{ck['local']['iteration_s']:>10.4f}{ck['s3']['iteration_s']:>12.4f}")
