@@ -73,21 +73,26 @@ def processes_in(stack_dir: Path) -> list[psutil.Process]:
     return out
 
 
-def api_json(method: str, url: str, deadline_s: float = 120, **kw):
+def api_call(method: str, url: str, deadline_s: float = 120, **kw) -> httpx.Response:
     """One Prefect API call; a 5xx (SQLite busy under load on 2 cores) is retried until the deadline."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
             r = httpx.request(method, url, timeout=30, **kw)
         except httpx.TransportError as exc:
-            r, err = None, repr(exc)
+            err = repr(exc)
         else:
-            err = f"{r.status_code}: {r.text[:2000]}"
             if r.status_code < 500:
-                assert r.is_success, f"{method} {url} -> {err}"
-                return r.json()
+                return r
+            err = f"{r.status_code}: {r.text[:2000]}"
         assert time.monotonic() < deadline, f"{method} {url}: no answer within {deadline_s} s (last: {err})"
         time.sleep(0.5)
+
+
+def api_json(method: str, url: str, deadline_s: float = 120, **kw):
+    r = api_call(method, url, deadline_s, **kw)
+    assert r.is_success, f"{method} {url} -> {r.status_code}: {r.text[:2000]}"
+    return r.json()
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +152,8 @@ def test_a_scheduled_run_happens_and_completes(stack, tmp_path):
         assert runs[0]["deployment_id"] == dep["id"]
         assert list((tmp_path / "data" / "runs").glob("sched-*.zarr")), "the scheduled run wrote no run store"
         assert (tmp_path / "data" / "models" / "sched" / "latest.json").exists()
-        assert httpx.delete(f"{api}/deployments/{dep['id']}", timeout=30).is_success
-        assert httpx.get(path, timeout=30).status_code == 404
+        assert api_call("DELETE", f"{api}/deployments/{dep['id']}").is_success
+        assert api_call("GET", path).status_code == 404
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, 15)
