@@ -84,16 +84,17 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
-def _own_cpu() -> float:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds a process (by default this one) has used so far."""
     import psutil
 
-    t = psutil.Process().cpu_times()
+    t = psutil.Process(pid).cpu_times()
     return t.user + t.system
 
 
 def workers_cpu(client) -> float:
     """CPU seconds the cluster's worker processes have used so far."""
-    return sum(client.run(_own_cpu).values())
+    return sum(client.run(cpu_seconds).values())
 
 
 def per_iteration(run_uri: str) -> float:
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> dict:
 def _measure(args: argparse.Namespace, server: subprocess.Popen, endpoint: str) -> dict:
     import boto3
     import numpy as np
-    import psutil
     from distributed import Client, LocalCluster
 
     from pipeline.config import TrainConfig
@@ -127,11 +127,9 @@ def _measure(args: argparse.Namespace, server: subprocess.Popen, endpoint: str) 
 
     if args.requests_per_object:
         location.set_storage_options({"requests_per_object": args.requests_per_object})
-    moto = psutil.Process(server.pid)
 
     def moto_cpu() -> float:
-        t = moto.cpu_times()
-        return t.user + t.system
+        return cpu_seconds(server.pid)
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="gradpipe-bench")
     work = Path(tempfile.mkdtemp(prefix="gradpipe-bench-s3-"))

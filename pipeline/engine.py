@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +57,14 @@ STREAM_DEPTH = 2  # streamed tasks out per worker: one running, one queued behin
 # for ever; the check re-places it on the living workers. Completed passes return at once, not after a poll.
 POLL_SECONDS = 1.0
 WORKER_DEADLINE = 120.0  # with no worker left, wait this long for one to (re)join before giving up
+
+
+def _wait_for_a_worker(client: Client, message: str) -> None:
+    """Return once the cluster has a worker, waiting up to WORKER_DEADLINE; then fail with ``message``."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_DEADLINE)
+    except TimeoutError:
+        raise GradpipeError(message) from None
 
 
 def add(parts: list[np.ndarray]) -> np.ndarray:
@@ -268,12 +275,10 @@ class ChunkEngine:
         # holds (another store of the same name, a run id used in another runs dir) would hand back its data.
         self.name = Path(split_snapshot(str(store))[0].rstrip("/")).name.removesuffix(".zarr")
         self._token = uuid.uuid4().hex[:12]
-        try:  # workers still starting, or restarting after a crash, are waited for as during a run
-            client.wait_for_workers(1, timeout=WORKER_DEADLINE)
-        except TimeoutError:
-            raise GradpipeError(f"the Dask cluster at {client.scheduler.address} has no workers (waited "
-                                f"{WORKER_DEADLINE:.0f} s); start some (`dask worker "
-                                f"{client.scheduler.address}`) or check that they reach the scheduler.") from None
+        # workers still starting, or restarting after a crash, are waited for as during a run
+        _wait_for_a_worker(client, f"the Dask cluster at {client.scheduler.address} has no workers (waited "
+                                   f"{WORKER_DEADLINE:.0f} s); start some (`dask worker {client.scheduler.address}`) "
+                                   "or check that they reach the scheduler.")
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
         memory = sum(w.get("memory_limit") or 0 for _, w in workers)
         if persist == "auto":
@@ -415,12 +420,10 @@ class ChunkEngine:
         lost = [(f, w, mine) for f, w, mine in jobs if w not in alive and not f.done()]
         if not lost:
             return jobs
-        deadline = time.monotonic() + WORKER_DEADLINE
-        while not alive:
-            if time.monotonic() > deadline:
-                raise GradpipeError(f"every Dask worker is gone and none came back within {WORKER_DEADLINE:g} s; "
-                                    "the committed iterations are kept: start workers and resume the run.")
-            time.sleep(0.2)  # a poll with a deadline: nannies restart killed workers within seconds
+        while not alive:  # nannies restart killed workers within seconds
+            _wait_for_a_worker(self.client, f"every Dask worker is gone and none came back within "
+                                            f"{WORKER_DEADLINE:g} s; the committed iterations are kept: start "
+                                            "workers and resume the run.")
             alive = self._alive()
         self._resubmits += 1
         self.client.cancel([f for f, _, _ in lost])
